@@ -1,0 +1,94 @@
+"""The common interface of every token mixer, and the registry that builds them by name.
+
+The unifying framework (theory reference §3): every mixer computes ``O = combine(M(X) · V(X))`` with
+
+* ``M(X)`` — ``(batch, H, N, N)``: one N×N token-mixing matrix per head (attention, SSD) or per
+  channel (S6); ``M[b, h, i, j]`` is how much output token i takes from input token j;
+* ``V(X)`` — ``(batch, H, N, d_v)``: the values that M mixes (``X W_V`` per head for attention,
+  the raw channels for SSMs);
+* ``combine`` — maps ``(batch, H, N, d_v)`` back to ``(batch, N, d_model)`` (the output projection,
+  or just a reshape).
+
+``forward(x)`` is the efficient computation (attention as attention, SSMs as a scan);
+:meth:`TokenMixer.forward_via_matrix` is the materialised ``O(N²)`` version, and the tests check the
+two agree in float64.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .._checks import check_tokens
+
+__all__ = ["TokenMixer", "register_mixer", "make_mixer", "available_mixers"]
+
+_REGISTRY: dict[str, Callable[..., "TokenMixer"]] = {}
+
+
+class TokenMixer(nn.Module):
+    """Base class of all mixers. Subclasses implement :meth:`mixing_matrix`, :meth:`values`,
+    :meth:`combine` and (for speed) :meth:`forward`.
+
+    Attributes:
+        d_model: the model width d.
+        causal: whether ``M`` is lower-triangular (token i only sees tokens j <= i).
+    """
+
+    d_model: int
+    causal: bool = False
+
+    def check_input(self, x: torch.Tensor, name: str = "x") -> torch.Tensor:
+        """Validate a mixer input of shape ``(batch, N, d_model)``."""
+        check_tokens(x, name)
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"{name} must have shape (batch, N, d_model={self.d_model}), got {tuple(x.shape)}"
+            )
+        return x
+
+    def mixing_matrix(self, x: torch.Tensor) -> torch.Tensor:
+        """``(batch, N, d_model)`` → ``M(x)`` of shape ``(batch, H, N, N)``."""
+        raise NotImplementedError
+
+    def values(self, x: torch.Tensor) -> torch.Tensor:
+        """``(batch, N, d_model)`` → ``V(x)`` of shape ``(batch, H, N, d_v)``."""
+        raise NotImplementedError
+
+    def combine(self, mixed: torch.Tensor) -> torch.Tensor:
+        """``(batch, H, N, d_v)`` → ``(batch, N, d_model)``."""
+        raise NotImplementedError
+
+    def forward_via_matrix(self, x: torch.Tensor) -> torch.Tensor:
+        """``combine(M(x) @ V(x))``: the materialised (O(N²)) computation, ``(batch, N, d_model)``."""
+        self.check_input(x)
+        return self.combine(self.mixing_matrix(x) @ self.values(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # default: the materialised path
+        return self.forward_via_matrix(x)
+
+
+def register_mixer(name: str):
+    """Class decorator: make a mixer constructible as ``make_mixer(name, d_model=..., ...)``."""
+
+    def decorator(cls):
+        if name in _REGISTRY:
+            raise ValueError(f"a mixer named {name!r} is already registered")
+        _REGISTRY[name] = cls
+        cls.registry_name = name
+        return cls
+
+    return decorator
+
+
+def available_mixers() -> list[str]:
+    """Names accepted by :func:`make_mixer`."""
+    return sorted(_REGISTRY)
+
+
+def make_mixer(name: str, d_model: int, **kwargs) -> TokenMixer:
+    """Build a registered mixer by name with its default hyper-parameters, overridable by ``kwargs``."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown mixer {name!r}; available mixers: {available_mixers()}")
+    return _REGISTRY[name](d_model=d_model, **kwargs)

@@ -1,0 +1,2 @@
+"""No-skip collapse, the consensus lemma and the 2-token example (see the necessity chapter)."""
+__all__: list[str] = []
