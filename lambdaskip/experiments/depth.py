@@ -32,13 +32,11 @@ def mu_over_depth(stack: LambdaSkipStack, x: torch.Tensor) -> torch.Tensor:
         there on — the caller sees that it blew up, instead of a made-up number.
     """
     check_tokens(x)
-    ys = stack(x, return_all=True)
-    out = torch.full(ys.shape[:2], float("nan"), dtype=ys.dtype, device=ys.device)
-    finite = torch.isfinite(ys).flatten(2).all(-1)
-    for k in range(ys.shape[0]):
-        ok = finite[k]
-        if ok.any():
-            out[k, ok] = normalized_mu(ys[k, ok])
+    out = torch.full((stack.depth + 1, x.shape[0]), float("nan"), dtype=x.dtype, device=x.device)
+    for k, y in enumerate(stack.iter_layers(x)):
+        finite = torch.isfinite(y).flatten(1).all(-1)
+        if finite.any():
+            out[k, finite] = normalized_mu(y[finite])
     return out
 
 
