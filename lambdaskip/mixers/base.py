@@ -22,7 +22,7 @@ from torch import nn
 
 from .._checks import check_tokens
 
-__all__ = ["TokenMixer", "register_mixer", "make_mixer", "available_mixers"]
+__all__ = ["TokenMixer", "register_mixer", "make_mixer", "available_mixers", "frobenius_per_head"]
 
 _REGISTRY: dict[str, Callable[..., "TokenMixer"]] = {}
 
@@ -92,3 +92,19 @@ def make_mixer(name: str, d_model: int, **kwargs) -> TokenMixer:
     if name not in _REGISTRY:
         raise ValueError(f"unknown mixer {name!r}; available mixers: {available_mixers()}")
     return _REGISTRY[name](d_model=d_model, **kwargs)
+
+
+def frobenius_per_head(mixer: TokenMixer, x: torch.Tensor) -> torch.Tensor:
+    """``||M_h(x)||_F`` for every head (attention, SSD) or channel (S4D, S6, RG-LRU).
+
+    Args:
+        mixer: a :class:`TokenMixer`.
+        x: ``(batch, N, d_model)`` input.
+
+    Returns:
+        ``(batch, H)``. The theory's constant ``C_M`` (reference §4) is the supremum of its maximum
+        over heads/channels and over the inputs the layer can see.
+    """
+    if not isinstance(mixer, TokenMixer):
+        raise TypeError(f"mixer must be a TokenMixer, got {type(mixer).__name__}")
+    return mixer.mixing_matrix(x).flatten(-2).norm(dim=-1)
