@@ -141,3 +141,42 @@ def test_forward_reports_overflow_clearly():
     big = LambdaSkipStack.build("softmax", d_model=8, depth=12, lam=1e6, norm="none")
     with pytest.raises(FloatingPointError, match="overflowed"):
         big(torch.randn(2, 6, 8))
+
+
+def test_lambda_accepts_numpy_scalars_and_rejects_strings_clearly():
+    """Regression: np.float32 (not a float subclass) was treated as a sequence and failed obscurely."""
+    import numpy as np
+
+    stack = LambdaSkipStack.build("softmax", d_model=4, depth=3, lam=np.float32(2.5))
+    assert torch.allclose(stack.lambdas, torch.full((3,), 2.5))
+    stack = LambdaSkipStack.build("softmax", d_model=4, depth=2, lam=np.array([1.0, -3.0]))
+    assert torch.allclose(stack.lambdas, torch.tensor([1.0, -3.0]))
+    with pytest.raises(TypeError, match="lam must be a real number or a sequence"):
+        LambdaSkipStack.build("softmax", d_model=4, depth=2, lam="ten")
+    with pytest.raises(TypeError, match="lam must be a real number or a sequence"):
+        LambdaSkipStack.build("softmax", d_model=4, depth=2, lam=None)
+
+
+def test_mu_over_depth_float32_large_but_finite_layers_are_not_nan():
+    """Regression: in float32 without normalisation, λ = 10 makes ‖Y^k‖ ~ 10^k; from k ≈ 19 the squares in
+    μ overflowed and μ̃ was reported as NaN ("blew up") although every layer was still finite."""
+    torch.manual_seed(0)
+    # an LTI mixer is linear, so the layers stay finite up to float32's ~3e38 (attention's scores overflow sooner)
+    stack = LambdaSkipStack.build("s4d", d_model=8, depth=25, lam=10.0, norm="none")
+    x = torch.randn(2, 6, 8)
+    with torch.no_grad():
+        ys = stack(x, return_all=True)
+    assert torch.isfinite(ys).all() and ys[-1].abs().max() > 1e20
+    curves = mu_over_depth(stack, x)
+    assert torch.isfinite(curves).all()
+    assert (curves[-1] > 0.5).all()  # a large λ keeps the tokens apart
+
+
+def test_mu_over_depth_keeps_inputs_that_do_not_overflow():
+    torch.manual_seed(0)
+    stack = LambdaSkipStack.build("softmax", d_model=8, depth=6, lam=1e30, norm="none").double()
+    small = torch.randn(1, 5, 8, dtype=F64) * 1e-200   # stays finite over 6 layers
+    large = torch.randn(1, 5, 8, dtype=F64) * 1e200    # overflows within the first layers
+    curves = mu_over_depth(stack, torch.cat([small, large]))
+    assert torch.isfinite(curves[:, 0]).all()
+    assert torch.isnan(curves[-1, 1]) and torch.isfinite(curves[0, 1])

@@ -28,15 +28,24 @@ def mu_over_depth(stack: LambdaSkipStack, x: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ``(K+1, batch)``: row k is μ̃(Y^k) for every input, with row 0 the (normalised) input.
-        A layer whose output overflowed to ±Inf or NaN (possible without normalisation) is NaN from
-        there on — the caller sees that it blew up, instead of a made-up number.
+        If an input's activations overflow to ±Inf or NaN at some layer (possible without
+        normalisation), its entries are NaN from that layer on, while the other inputs go on — the
+        caller sees which runs blew up, instead of a made-up number.
     """
     check_tokens(x)
+    if x.dim() != 3 or x.shape[-1] != stack.d_model:
+        raise ValueError(f"x must have shape (batch, N, d_model={stack.d_model}), got {tuple(x.shape)}")
     out = torch.full((stack.depth + 1, x.shape[0]), float("nan"), dtype=x.dtype, device=x.device)
-    for k, y in enumerate(stack.iter_layers(x)):
+    alive = torch.arange(x.shape[0], device=x.device)  # inputs whose activations are still finite
+    y = stack.input_norm(x)
+    for k in range(stack.depth + 1):
+        if k > 0:
+            y = stack.blocks[k - 1](y)
         finite = torch.isfinite(y).flatten(1).all(-1)
-        if finite.any():
-            out[k, finite] = normalized_mu(y[finite])
+        y, alive = y[finite], alive[finite]
+        if alive.numel() == 0:
+            break
+        out[k, alive] = normalized_mu(y)
     return out
 
 
@@ -92,7 +101,9 @@ def query_key_grad_norms(
     layer's attention pattern. Noci et al. (2022) show that rank collapse makes these gradients vanish.
 
     Args:
-        stack: a stack whose mixers have ``w_q`` and ``w_k`` linear layers (softmax attention).
+        stack: a stack whose mixers have ``w_q`` and ``w_k`` linear layers (softmax attention). With
+            ``shared_weights=True`` every layer holds the same ``W_Q, W_K``, so every row reports the
+            same total gradient.
         x: ``(batch, N, d_model)`` inputs.
 
     Returns:
