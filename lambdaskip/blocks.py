@@ -33,6 +33,7 @@ post-norm stacks, and can return every layer's output so that metrics can be tak
 """
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 import torch
@@ -92,6 +93,8 @@ class LambdaSkipBlock(nn.Module):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
         check_positive_int(mlp_ratio, "mlp_ratio")
+        if isinstance(lam, numbers.Real) and not isinstance(lam, bool):
+            lam = float(lam)  # NumPy scalars (np.float32 is not a float subclass)
         lam = check_finite_real(lam, "lam")
         self.mixer = mixer
         self.d_model = mixer.d_model
@@ -196,14 +199,20 @@ class LambdaSkipStack(nn.Module):
         """
         check_positive_int(depth, "depth")
         check_positive_int(d_model, "d_model")
-        if isinstance(lam, (int, float, torch.Tensor)) and not (isinstance(lam, torch.Tensor) and lam.numel() > 1):
-            lams = [lam] * depth
+        # numbers.Real also covers NumPy scalars (np.float32 is not a float subclass)
+        if isinstance(lam, numbers.Real) or (isinstance(lam, torch.Tensor) and lam.numel() == 1):
+            lams = [lam] * depth  # converted and checked by LambdaSkipBlock
         else:
-            lams = [float(v) for v in lam]
+            try:
+                lams = [float(v) for v in lam]
+            except (TypeError, ValueError):
+                raise TypeError(
+                    f"lam must be a real number or a sequence of depth={depth} real numbers, got {lam!r}"
+                ) from None
             if len(lams) != depth:
                 raise ValueError(f"lam must be a number or a sequence of depth={depth} values, got {len(lams)} values")
         for value in lams:  # fail at construction, not at the first forward
-            check_finite_real(value, "lam")
+            check_finite_real(float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else value, "lam")
         if not isinstance(shared_weights, bool):
             raise TypeError(f"shared_weights must be a bool, got {type(shared_weights).__name__}")
         mixer_kwargs = dict(mixer_kwargs or {})

@@ -34,11 +34,25 @@ def _safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, num / torch.where(positive, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
+def _matrix_scale(x: torch.Tensor) -> torch.Tensor:
+    """A power of two in ``(peak/2, peak]`` with ``peak`` the largest |entry| of each matrix (1/2 for 0).
+
+    Shape ``(..., 1, 1)``, no gradient. Dividing by it is exact in floating point, and keeps squares and
+    sums of squares finite: without it, a float32 matrix with entries above ~1e19 (the unnormalised skip
+    path of a deep stack with |λ| > 1) gave ``mu = inf`` and ``normalized_mu = NaN`` although the matrix
+    was finite.
+    """
+    _, exponent = torch.frexp(x.detach().abs().amax(dim=(-2, -1), keepdim=True))
+    return torch.ldexp(torch.ones_like(x[..., :1, :1]), exponent - 1)
+
+
 def _safe_fro(y: torch.Tensor) -> torch.Tensor:
     """Frobenius norm over the last two axes whose gradient at 0 is 0 instead of NaN."""
-    sq = y.pow(2).sum(dim=(-2, -1))
+    scale = _matrix_scale(y)
+    sq = (y / scale).pow(2).sum(dim=(-2, -1))
     positive = sq > 0
-    return torch.where(positive, torch.where(positive, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
+    root = torch.where(positive, torch.where(positive, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
+    return root * scale[..., 0, 0]
 
 
 def center_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -57,7 +71,8 @@ def mu(x: torch.Tensor) -> torch.Tensor:
         collapsed input is defined as 0 (the norm is not differentiable there).
     """
     check_tokens(x)
-    return _safe_fro(center_tokens(x))
+    scale = _matrix_scale(x)  # exact rescaling, so that the mean token cannot overflow
+    return _safe_fro(center_tokens(x / scale)) * scale[..., 0, 0]
 
 
 def normalized_mu(x: torch.Tensor) -> torch.Tensor:
@@ -66,6 +81,7 @@ def normalized_mu(x: torch.Tensor) -> torch.Tensor:
     The all-zero matrix is collapsed by any reasonable reading, so it gets the value 0 (not NaN).
     """
     check_tokens(x)
+    x = x / _matrix_scale(x)  # exact rescaling: μ̃ is scale-invariant, and the sums cannot overflow
     return _safe_ratio(_safe_fro(center_tokens(x)), _safe_fro(x))
 
 
@@ -75,7 +91,7 @@ def stable_rank(x: torch.Tensor) -> torch.Tensor:
     Unlike the numerical rank it is continuous in X, so it does show a matrix that is *almost* rank one.
     """
     check_tokens(x)
-    s = torch.linalg.svdvals(x)
+    s = torch.linalg.svdvals(x / _matrix_scale(x))  # scale-invariant; the rescaling avoids overflow
     return _safe_ratio(s.pow(2).sum(-1), s[..., 0].pow(2))
 
 
@@ -85,7 +101,7 @@ def effective_rank(x: torch.Tensor) -> torch.Tensor:
     Lies in ``[1, min(N, d)]`` for a non-zero matrix; the zero matrix gets 0. Shape ``(...)``.
     """
     check_tokens(x)
-    s = torch.linalg.svdvals(x)
+    s = torch.linalg.svdvals(x / _matrix_scale(x))  # scale-invariant; the rescaling avoids overflow
     total = s.sum(-1, keepdim=True)
     p = _safe_ratio(s, total.expand_as(s))
     entropy = -torch.special.xlogy(p, p).sum(-1)
@@ -96,10 +112,12 @@ def token_cosine(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Mean cosine similarity over all ordered pairs of distinct tokens, shape ``(...)``.
 
     1 means all tokens point the same way (collapse in direction). Needs N >= 2. A zero token has
-    cosine 0 with everything (its norm is clamped at ``eps``).
+    cosine 0 with everything: its norm is clamped at ``eps``, measured after the matrix is rescaled
+    (exactly, by a power of two) so that its largest |entry| lies in ``[1, 2)``.
     """
     check_tokens(x, min_tokens=2)
     n = x.shape[-2]
+    x = x / _matrix_scale(x)  # cosines are scale-invariant; the rescaling keeps the norms finite
     u = x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
     gram = u @ u.transpose(-1, -2)
     off_diagonal = gram.sum(dim=(-2, -1)) - torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1)

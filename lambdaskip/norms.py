@@ -49,7 +49,14 @@ def rms_normalize(z: torch.Tensor, *, scale: str = "sqrt_d", eps: float = 0.0) -
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     s = math.sqrt(z.shape[-1]) if scale == "sqrt_d" else 1.0
-    sq = z.pow(2).sum(dim=-1, keepdim=True)
+    # Divide each row by a power of two near its largest |entry| first: squaring the raw entries
+    # overflowed to Inf (float32 rows of norm > ~1e19, as on the unnormalised skip path of a deep stack
+    # with |λ| > 1, silently became zero rows) or underflowed to 0 (tiny non-zero rows were reported as
+    # zero rows). Scaling by a power of two is exact in floating point, so in the normal range the
+    # result is bit-for-bit what s·z/||z|| gives.
+    row_scale = _pow2_scale(z.detach().abs().amax(dim=-1, keepdim=True))
+    scaled = z / row_scale
+    sq = scaled.pow(2).sum(dim=-1, keepdim=True)  # in [1, 4d) for non-zero rows, 0 for zero rows
     if eps == 0:
         zero = sq == 0
         if bool(zero.any()):
@@ -58,8 +65,15 @@ def rms_normalize(z: torch.Tensor, *, scale: str = "sqrt_d", eps: float = 0.0) -
                 f"z has a zero row at index {index} (batch..., token): the row-wise normalisation is "
                 "undefined there; pass eps > 0 to map zero rows to zero"
             )
-        return s * z / sq.sqrt()
-    return s * z / (sq + eps).sqrt()
+        return s * scaled / sq.sqrt()
+    # s z / sqrt(||z||² + eps) = s (z/r) / sqrt(||z/r||² + eps/r²); a zero row maps to 0.
+    return s * scaled / (sq + eps / row_scale.pow(2)).sqrt()
+
+
+def _pow2_scale(peak: torch.Tensor) -> torch.Tensor:
+    """``2^(e−1)`` with ``peak = m·2^e``, ``m ∈ [0.5, 1)``: a power of two in ``(peak/2, peak]`` (1/2 for 0)."""
+    _, exponent = torch.frexp(peak)
+    return torch.ldexp(torch.ones_like(peak), exponent - 1)
 
 
 class RowRMSNorm(nn.Module):
@@ -68,6 +82,8 @@ class RowRMSNorm(nn.Module):
     def __init__(self, scale: str = "sqrt_d", eps: float = 0.0):
         super().__init__()
         self.scale = check_choice(scale, "scale", _SCALES)
+        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):  # fail at construction
+            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
         self.eps = eps
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

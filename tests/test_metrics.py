@@ -168,3 +168,29 @@ def test_error_paths(fn):
 def test_token_cosine_needs_two_tokens():
     with pytest.raises(ValueError, match="N >= 2"):
         M.token_cosine(torch.ones(1, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_huge_and_tiny_matrices_do_not_overflow(dtype):
+    """Regression: a finite float32 matrix with entries ~1e20 (the unnormalised skip path of a deep stack
+    with |λ| = 10) gave mu = inf and normalized_mu = NaN, because the squares overflowed."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, dtype=F64)
+    info = torch.finfo(dtype)
+    for factor in (info.max ** 0.5 * 16, info.max / 64, info.tiny * 64):
+        scaled = (x * factor).to(dtype)
+        assert torch.isfinite(scaled).all() and (scaled != 0).all()
+        for fn in (M.normalized_mu, M.stable_rank, M.effective_rank, M.token_cosine):
+            assert torch.allclose(fn(scaled).double(), fn(x), rtol=1e-4, atol=1e-6), fn.__name__
+        mu_scaled = M.mu(scaled).double()
+        assert torch.isfinite(mu_scaled).all()
+        assert torch.allclose(mu_scaled / factor, M.mu(x), rtol=1e-4)
+
+
+def test_rescaling_is_exact_in_the_normal_range():
+    """The power-of-two rescaling changes no bit of the results for ordinary inputs."""
+    torch.manual_seed(1)
+    x = torch.randn(4, 6, 5, dtype=F64) * 3.7
+    centred = x - x.mean(dim=-2, keepdim=True)
+    assert torch.equal(M.mu(x), centred.pow(2).sum(dim=(-2, -1)).sqrt())
+    assert torch.equal(M.normalized_mu(x), M.mu(x) / x.pow(2).sum(dim=(-2, -1)).sqrt())

@@ -97,6 +97,14 @@ def test_s4d_kernel_matches_zoh_recurrence():
     b = torch.view_as_complex(mixer.b.detach().contiguous())
     c = torch.view_as_complex(mixer.c.detach().contiguous())
     a_bar, b_bar = torch.exp(dt * a), (torch.exp(dt * a) - 1) / a * b
+    # B̄ is the zero-order hold ∫_0^Δ e^{sA} ds B: the top-right entry of exp([[ΔA, ΔB], [0, 0]])
+    for ch in range(2):
+        for k in range(4):
+            block = torch.zeros(2, 2, dtype=torch.complex128)
+            block[0, 0], block[0, 1] = dt[ch, 0] * a[ch, k], dt[ch, 0] * b[ch, k]
+            zoh = torch.linalg.matrix_exp(block)
+            assert torch.allclose(zoh[0, 0], a_bar[ch, k], atol=1e-14)
+            assert torch.allclose(zoh[0, 1], b_bar[ch, k], atol=1e-14)
     h = b_bar.clone()  # state after an impulse at t = 0
     for t in range(6):
         expected = 2 * (c * h).sum(-1).real
@@ -255,3 +263,41 @@ def test_command_line_table(capsys):
     for name in available_mixers():
         assert name in out
     assert "largest error over all mixers" in out
+
+
+def test_rglru_gates_follow_griffin():
+    """a_t = σ(Λ)^{c r_t} with c = 8, input multiplier √(1 − a_t²) σ(W_x x_t + b_x), and a^c uniform in
+    [0.9, 0.999] at initialisation (De et al., 2024)."""
+    torch.manual_seed(0)
+    mixer = build("rglru", 512)
+    assert mixer.c == 8.0
+    a_pow_c = torch.sigmoid(mixer.lam_param.detach()) ** mixer.c
+    assert a_pow_c.min().item() >= 0.9 - 1e-9 and a_pow_c.max().item() <= 0.999 + 1e-9
+    assert a_pow_c.min().item() < 0.91 and a_pow_c.max().item() > 0.99  # spread over the interval
+    x = torch.randn(2, 4, 512, dtype=F64)
+    log_a, gain = mixer.gates(x)
+    with torch.no_grad():
+        a_t = torch.sigmoid(mixer.lam_param) ** (mixer.c * torch.sigmoid(mixer.w_a(x)))
+        assert torch.allclose(log_a.exp(), a_t, atol=1e-14)
+        assert torch.allclose(gain, torch.sqrt(1 - a_t**2) * torch.sigmoid(mixer.w_x(x)), atol=1e-12)
+
+
+def test_s6_and_ssd_initialisation_follow_mamba():
+    torch.manual_seed(0)
+    s6 = build("s6", 32, d_state=4)
+    assert torch.allclose(s6.A[0], -torch.arange(1.0, 5.0, dtype=F64))  # S4D-Real: A = −(1..n)
+    assert s6.dt_rank == 2  # ⌈32/16⌉
+    dt0 = torch.nn.functional.softplus(s6.dt_proj.bias.detach())
+    assert dt0.min().item() >= 1e-4 and dt0.max().item() <= 0.1 + 1e-12
+    ssd = build("ssd", 32)
+    assert ssd.n_heads == 2 and ssd.head_dim == 16
+    a = ssd.a_log.detach().exp()
+    assert a.min().item() >= 1.0 and a.max().item() <= 16.0
+
+
+def test_equivalence_table_formula_of_the_fixed_decay_row():
+    """Regression: the fixed-decay SSD row showed the selective formula (with Δ), which it does not use."""
+    table = equivalence_table(batch=1, n_tokens=4, d_model=4).set_index("mixer")
+    fixed = [label for label in table.index if "fixed decay" in label]
+    assert fixed and all("Assumption 4.1" in table.loc[label, "formula"] for label in fixed)
+    assert "Δ" not in table.loc[fixed[0], "formula"] and "Δ" in table.loc["ssd", "formula"]

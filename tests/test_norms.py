@@ -67,3 +67,35 @@ def test_gradient_finite():
     z = torch.randn(2, 4, 3, dtype=F64, requires_grad=True)
     rms_normalize(z).sum().backward()
     assert torch.isfinite(z.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_huge_and_tiny_rows_do_not_overflow_or_underflow(dtype):
+    """Regression: squaring raw entries overflowed (rows of norm ~1e20 in float32 became zero rows)
+    or underflowed (rows of norm ~1e-30 in float32 were reported as zero rows)."""
+    info = torch.finfo(dtype)
+    big, tiny = info.max / 10, info.tiny * 1e3
+    z = torch.tensor([[3.0, 4.0], [3.0 * big / 5, 4.0 * big / 5], [3.0 * tiny, 4.0 * tiny]], dtype=dtype)
+    expected = math.sqrt(2) * torch.tensor([0.6, 0.8], dtype=dtype).expand(3, 2)
+    for eps in (0.0, 1e-12):
+        y = rms_normalize(z, eps=eps)
+        assert torch.isfinite(y).all()
+        if eps == 0.0:
+            assert torch.allclose(y, expected, rtol=1e-6, atol=0)
+        else:  # eps only matters for rows whose squared norm is comparable to eps
+            assert torch.allclose(y[:2], expected[:2], rtol=1e-6, atol=0)
+            assert y[2].abs().max() < 1e-6
+
+
+def test_eps_formula_matches_the_docstring():
+    z = torch.tensor([[1e-3, 2e-3], [0.0, 0.0], [3.0, -4.0]], dtype=F64)
+    eps = 1e-6
+    expected = math.sqrt(2) * z / (z.pow(2).sum(-1, keepdim=True) + eps).sqrt()
+    assert torch.allclose(rms_normalize(z, eps=eps), expected, rtol=1e-14, atol=0)
+
+
+def test_bad_eps_fails_at_construction():
+    with pytest.raises(ValueError, match="eps must be"):
+        RowRMSNorm(eps=-1.0)
+    with pytest.raises(ValueError, match="eps must be"):
+        make_norm("rms", 4, eps=float("nan"))

@@ -37,6 +37,13 @@ TABLE_MIXERS: tuple[tuple[str, str, dict], ...] = (
 )
 
 
+def _formula(mixer: TokenMixer) -> str:
+    """The row's formula: the registry's, except for the fixed-decay SSD, which has no Δ."""
+    if getattr(mixer, "fixed_decay", None) is not None:
+        return f"α^(i−j) C_iᵀ B_j per head, α = {mixer.fixed_decay:g}  (L_α ∘ C Bᵀ, Assumption 4.1)"
+    return MIXER_FORMULAS[mixer.registry_name]
+
+
 def shared_input(batch: int = 2, n_tokens: int = 16, d_model: int = 8, *, seed: int = 0,
                  dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """A reproducible standard-normal input ``(batch, N, d_model)`` (its own generator: no global state)."""
@@ -82,6 +89,6 @@ def equivalence_table(batch: int = 2, n_tokens: int = 16, d_model: int = 8, *, s
                 "lower-triangular": upper == 0.0,
                 "max |row sum − 1|": (m.sum(-1) - 1).abs().max().item(),
                 "max ||M_h||_F": m.flatten(-2).norm(dim=-1).max().item(),
-                "formula": MIXER_FORMULAS[mixer.registry_name],
+                "formula": _formula(mixer),
             })
     return pd.DataFrame(rows)
