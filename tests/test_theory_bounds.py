@@ -238,6 +238,65 @@ def test_row_step_scalar_margin():
     assert float(th.row_step_scalar_margin(0.0, 0.3)) == pytest.approx(0.0, abs=1e-15)
 
 
+def test_step3_row_fails_where_the_composite_bound_promises_a_lot():
+    # d = 1, tokens (1, 1, 1, -1), λ = 1, M = c P Y Yᵀ/(N d) so that E = c P Y: LN(Z) = Y, μ(Z) = (1 + c) μ(Y), S C_M = c √3/2
+    y = torch.tensor([[[1.0], [1.0], [1.0], [-1.0]]], dtype=F64)
+    py = y - y.mean(dim=-2, keepdim=True)
+    for c in (0.05, 0.2, 0.4):
+        m = c * py[0] @ y[0].T / 4
+        e = m @ y
+        gain = torch.linalg.matrix_norm(m)[None]
+        assert float(gain) == pytest.approx(c * math.sqrt(3) / 2)
+        assert torch.equal(rms_normalize(y + e), y)
+        margins = th.proof_margins(y, e, 1.0, gain, steps=["A3_row", "A_onestep_row", "A_onestep_row_h"])
+        assert float(margins["A3_row"]) < 0  # Step 3 (row-wise) is violated ...
+        assert float(th.promised_fraction(y, e, 1.0, gain)) > 0  # ... where the composite bound promises something
+        assert float(margins["A_onestep_row"]) > 0 and float(margins["A_onestep_row_h"]) > 0
+
+
+def test_theorem_a_hypotheses_allow_a_zero_row():
+    # N = 1024, d = 1, λ = 1, K = 1: one row of E cancels its skip term exactly, yet both conditions of Theorem A hold
+    n = 1024
+    y = torch.cat([torch.ones(768), -torch.ones(256)]).double()[:, None]
+    m = torch.zeros(n, n, dtype=F64)
+    m[0] = 2.0 / n
+    z = y + m @ y @ (-torch.ones(1, 1, dtype=F64))
+    assert float(z[0, 0]) == 0.0
+    c_m = float(torch.linalg.matrix_norm(m))
+    a = th.admissible_rate(1.0, S=1.0, C_M=c_m, mu0=float(mu(y[None])), K=1, N=n, d=1)
+    assert not math.isnan(a)
+    assert th.theorem_a_b(1.0, S=1.0, C_M=c_m, a=0.9 * a, K=1, N=n, d=1) <= float(mu(y[None])) ** 2
+    with pytest.raises(ValueError, match="zero row"):
+        rms_normalize(z[None])
+
+
+def _structured_layers(g, kind, batch, n, d):
+    """Layers aimed at the row-wise lemma's proof: uneven or single-row E, cancelling rows, antipodal tokens."""
+    y_raw = torch.randn(batch, n, d, generator=g, dtype=F64) + 10 * torch.randn(batch, 1, d, generator=g, dtype=F64) * torch.rand(batch, 1, 1, generator=g, dtype=F64)
+    if kind == "antipodal":
+        y_raw = torch.randn(batch, 1, d, generator=g, dtype=F64) * torch.where(torch.rand(batch, n, 1, generator=g) < 0.5, -1.0, 1.0).double()
+    y = rms_normalize(y_raw)
+    lam = torch.where(torch.rand(batch, generator=g) < 0.5, -1.0, 1.0).double() * 10 ** (12 * torch.rand(batch, generator=g, dtype=F64) - 6)
+    e_dir = torch.randn(batch, n, d, generator=g, dtype=F64) * 10 ** (-3 * torch.rand(batch, n, 1, generator=g, dtype=F64))
+    if kind == "one row":
+        e_dir = e_dir * (torch.arange(n) == 0).double()[:, None]
+    if kind == "cancel":
+        e_dir = -torch.sign(lam)[:, None, None] * y * 2 * torch.rand(batch, n, 1, generator=g, dtype=F64) + 0.01 * e_dir
+    h = 10 ** (5 * torch.rand(batch, generator=g, dtype=F64) - 4.5)
+    e = e_dir * (h * lam.abs() * math.sqrt(n * d) / torch.linalg.matrix_norm(e_dir))[:, None, None]
+    return y, e, lam, torch.linalg.matrix_norm(e) / math.sqrt(n * d)
+
+
+@pytest.mark.parametrize("kind", ["uneven", "one row", "cancel", "antipodal"])
+def test_row_lemma_on_structured_layers(kind):
+    g = torch.Generator().manual_seed(11)
+    for n, d in [(2, 1), (3, 2), (4, 3)]:
+        inst = _structured_layers(g, kind, 300, n, d)
+        m = th.proof_margins(*inst, steps=["A3_row_proj", "A_onestep_row_h", "A_onestep_row"])
+        for step, margin in m.items():
+            assert float(margin.min()) >= -1e-10, (kind, n, d, step)
+
+
 def test_row_step_search():
     res = th.search_violation("A_onestep_row_h", "free", n=3, d=2, batch=16, iters=20, seed=1, relative=True, promise=0.05)
     assert res["worst"] >= 0.1  # far from tight where the bound promises something

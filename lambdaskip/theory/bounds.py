@@ -20,8 +20,11 @@ then ``μ(Y^k)² >= a^k μ(Y⁰)²`` for every ``k <= K``.
 
 The paper's proof route divides by the normalisation's largest row scale; that step is false for the
 row-wise normalisation (``Z = [[1, 0], [2, 0]]``), but the one-step inequality it serves is true:
-``μ(LN(Z))²/(Nd) >= (μ(Y)²/(Nd) − 2h)/(1 + h)²`` with ``h = ||E||_F/(|λ|√(Nd))`` (our proof, in the
-chapter; :func:`row_step_scalar_margin` is its last two-number inequality).
+``μ(LN(Z))²/(Nd) >= (μ(Y)²/(Nd) − 2h)/(1 + h)²`` with ``h = ||E||_F/(|λ|√(Nd))``, for any ``E`` such
+that ``Z`` has no zero row (our proof, in the chapter; :func:`row_step_scalar_margin` is its last
+two-number inequality). Theorem A's hypotheses do not exclude a zero row of ``Z`` (one row of ``E``
+may cancel its skip term); the chapter shows such a layer. With the exact normalisation the theorem
+therefore needs "no zero rows" as an extra hypothesis (or any rule sending a zero row to a row of norm √d).
 
 **Theorem C (ours).** ``μ(Y⁺) >= μ(Y) − 2||E||_F/|λ| >= μ(Y) − 2 S C_M √(N d)/|λ|``; hence
 ``μ(Y^K) >= μ(Y⁰) − 2 K S C_M √(N d)/|λ|``.
@@ -594,8 +597,9 @@ def row_step_scalar_margin(h, alpha) -> torch.Tensor:
 
     With ``q = cos α`` (norm of the mean of the normalised output tokens), ``s = sin α`` (so
     ``s² = μ(Y⁺)²/(Nd)``), ``h = ||E||_F/(|λ|√(Nd))`` and ``L = q − h s − 2h²``, returns
-    ``D = s²(1+h)² + 2h − 1 + max(L, 0)²``. The proof shows ``D >= 0.0858·h`` for ``0 <= h <= 1/2``
-    and ``α ∈ [0, π/2]`` (``D >= 0`` is what the one-step bound needs). Broadcasts like torch.
+    ``D = s²(1+h)² + 2h − 1 + max(L, 0)²``. For ``0 <= h <= 1/2`` and ``α ∈ [0, π/2]`` the proof shows
+    ``D >= (3/2 − √2)·h ≈ 0.0858·h`` where ``L >= 0`` and ``D > 0`` where ``L < 0`` (``D >= 0`` is what
+    the one-step bound needs; the linear rate on the branch ``L < 0`` is only measured). Broadcasts like torch.
     """
     h = torch.as_tensor(h, dtype=torch.float64)
     alpha = torch.as_tensor(alpha, dtype=torch.float64)
