@@ -10,6 +10,12 @@ settings.register_profile(
 )
 settings.load_profile("lambdaskip")
 os.environ.setdefault("LAMBDASKIP_PROFILE", "ci")
+# Without a GPU the Triton kernels can only run interpreted. Triton reads TRITON_INTERPRET when its own
+# @jit helpers are decorated, i.e. at its first import — which another test (transformers, torch
+# internals) may trigger before tests/test_scan_triton.py runs. So switch the interpreter on for the
+# whole session, before anything imports Triton. "auto" still picks the chunked backend on CPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

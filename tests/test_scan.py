@@ -168,6 +168,35 @@ def test_selective_chunked_segments(segment, chunk):
     assert rel(y, y_ref) <= 1e-12 and rel(h, h_ref) <= 1e-12
 
 
+@pytest.mark.parametrize("regime", ["mixed", "near0", "near1"])
+@pytest.mark.parametrize("L,segment,chunk", [(1, None, None), (37, None, None), (37, 10, 3), (300, 64, None),
+                                             (300, None, 7), (1000, None, None)])
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_selective_chunked_nograd_path_matches_autograd_path(regime, L, segment, chunk, with_h0):
+    """The no-grad fast forward (taken when no input requires grad) and the autograd path agree
+    with each other and with the loop, including padding, several segments and an initial state."""
+    inp = s6_inputs(2, 5, 3, L, regime=regime, with_h0=with_h0)
+    y_ref, h_ref = run_s6(inp, "reference")
+    x, delta, A, B, C, D, h0 = inp
+    y_fast, h_fast = chunked_mod.selective_scan_chunked(x, delta, A, B, C, D, h0, True, chunk=chunk, segment=segment)
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inp]
+    y_ad, h_ad = chunked_mod.selective_scan_chunked(*leaves, True, chunk=chunk, segment=segment)
+    assert y_ad.requires_grad and not y_fast.requires_grad  # the two paths really were taken
+    assert rel(y_fast, y_ref) <= 1e-12 and rel(h_fast, h_ref) <= 1e-12
+    assert rel(y_fast, y_ad.detach()) <= 1e-12 and rel(h_fast, h_ad.detach()) <= 1e-12
+    with torch.no_grad():  # no_grad also selects the fast path for inputs that require grad
+        y_ng = chunked_mod.selective_scan_chunked(*leaves, chunk=chunk, segment=segment)
+    assert rel(y_ng, y_ref) <= 1e-12
+
+
+def test_selective_chunked_nograd_float32_long():
+    """Float32 fast forward at a benchmark-like shape (several segments) against the float64 loop."""
+    inp = s6_inputs(2, 8, 16, 2000, dtype=torch.float64)
+    y_ref = scan.selective_scan(*inp[:6], backend="reference")
+    y32 = scan.selective_scan(*[t.float() for t in inp[:6]], backend="chunked")
+    assert rel(y32.double(), y_ref) <= TOL[torch.float32]
+
+
 @pytest.mark.parametrize("chunk", [1, 3, 8, 40])
 def test_ssd_chunked_chunk_sizes(chunk):
     inp = ssd_inputs(2, 2, 37, 3, 4, with_h0=True)
@@ -367,6 +396,12 @@ def test_auto_backend_and_no_gpu_imports():
         "x = torch.randn(1, 2, 8); y = scan.selective_scan(x, torch.rand(1, 2, 8), -torch.rand(2, 3), "
         "torch.randn(1, 3, 8), torch.randn(1, 3, 8))\n"
         "assert 'triton' not in sys.modules and 'lambdaskip.scan.triton_backend' not in sys.modules\n"
+        "if not torch.cuda.is_available():\n"
+        "    try:\n"
+        "        scan.resolve_backend('triton', 'cpu')\n"
+        "        raise SystemExit('triton accepted on CPU without the interpreter')\n"
+        "    except ValueError as e:\n"
+        "        assert \"backend='triton' cannot run here\" in str(e)\n"
         "print('ok')\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
