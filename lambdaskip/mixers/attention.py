@@ -11,14 +11,13 @@ import math
 import torch
 from torch import nn
 
-from .._checks import check_positive_int
-from .base import TokenMixer, register_mixer
+from .base import MultiHeadProjections, register_mixer
 
 __all__ = ["SoftmaxAttention"]
 
 
 @register_mixer("softmax")
-class SoftmaxAttention(TokenMixer):
+class SoftmaxAttention(MultiHeadProjections):
     """Multi-head softmax attention (no biases).
 
     Args:
@@ -34,23 +33,8 @@ class SoftmaxAttention(TokenMixer):
 
     def __init__(self, d_model: int, n_heads: int = 1, causal: bool = False, init_std: float | None = None):
         super().__init__()
-        check_positive_int(d_model, "d_model")
-        check_positive_int(n_heads, "n_heads")
-        if d_model % n_heads:
-            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
-        self.d_model, self.n_heads, self.causal = d_model, n_heads, bool(causal)
-        self.head_dim = d_model // n_heads
-        self.w_q = nn.Linear(d_model, d_model, bias=False)
-        self.w_k = nn.Linear(d_model, d_model, bias=False)
-        self.w_v = nn.Linear(d_model, d_model, bias=False)
-        self.w_o = nn.Linear(d_model, d_model, bias=False)
-        std = 1.0 / math.sqrt(d_model) if init_std is None else float(init_std)
-        for lin in (self.w_q, self.w_k, self.w_v, self.w_o):
-            nn.init.normal_(lin.weight, std=std)
-
-    def _split(self, y: torch.Tensor) -> torch.Tensor:
-        b, n, _ = y.shape
-        return y.view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
+        self._init_projections(d_model, n_heads, init_std)
+        self.causal = bool(causal)
 
     def mixing_matrix(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
@@ -61,13 +45,6 @@ class SoftmaxAttention(TokenMixer):
             future = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
             scores = scores.masked_fill(future, float("-inf"))
         return scores.softmax(dim=-1)
-
-    def values(self, x: torch.Tensor) -> torch.Tensor:
-        return self._split(self.w_v(x))
-
-    def combine(self, mixed: torch.Tensor) -> torch.Tensor:
-        b, _, n, _ = mixed.shape
-        return self.w_o(mixed.transpose(1, 2).reshape(b, n, self.d_model))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

@@ -15,14 +15,15 @@ two agree in float64.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .._checks import check_tokens
+from .._checks import check_positive_int, check_tokens
 
-__all__ = ["TokenMixer", "register_mixer", "make_mixer", "available_mixers", "frobenius_per_head"]
+__all__ = ["TokenMixer", "MultiHeadProjections", "PerChannelMixer", "register_mixer", "make_mixer", "available_mixers", "frobenius_per_head"]
 
 _REGISTRY: dict[str, Callable[..., "TokenMixer"]] = {}
 
@@ -68,6 +69,57 @@ class TokenMixer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # default: the materialised path
         return self.forward_via_matrix(x)
 
+
+
+class MultiHeadProjections(TokenMixer):
+    """Shared part of the attention-style mixers: query/key/value/output projections split into heads.
+
+    ``V_h = X W_V^h`` (``values``), and ``combine`` concatenates the heads and applies ``W_O``, so
+    ``O = Σ_h M_h X W_V^h W_O^h``. Subclasses define ``mixing_matrix`` (and a fast ``forward``).
+    Weights are Gaussian with standard deviation ``init_std`` (default ``1/√d_model``, which keeps
+    token norms of order one through each projection).
+    """
+
+    def _init_projections(self, d_model: int, n_heads: int, init_std: float | None) -> None:
+        check_positive_int(d_model, "d_model")
+        check_positive_int(n_heads, "n_heads")
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+        self.d_model, self.n_heads = d_model, n_heads
+        self.head_dim = d_model // n_heads
+        self.w_q = nn.Linear(d_model, d_model, bias=False)
+        self.w_k = nn.Linear(d_model, d_model, bias=False)
+        self.w_v = nn.Linear(d_model, d_model, bias=False)
+        self.w_o = nn.Linear(d_model, d_model, bias=False)
+        std = 1.0 / math.sqrt(d_model) if init_std is None else float(init_std)
+        for lin in (self.w_q, self.w_k, self.w_v, self.w_o):
+            nn.init.normal_(lin.weight, std=std)
+
+    def _split(self, y: torch.Tensor) -> torch.Tensor:
+        """``(batch, N, d_model)`` → ``(batch, H, N, d_h)``."""
+        b, n, _ = y.shape
+        return y.view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def values(self, x: torch.Tensor) -> torch.Tensor:
+        return self._split(self.w_v(x))
+
+    def combine(self, mixed: torch.Tensor) -> torch.Tensor:
+        b, _, n, _ = mixed.shape
+        return self.w_o(mixed.transpose(1, 2).reshape(b, n, self.d_model))
+
+
+class PerChannelMixer(TokenMixer):
+    """Shared part of the mixers with one mixing matrix per channel (S4D, S6, RG-LRU): ``C_V = I``.
+
+    ``values`` is every channel as its own one-dimensional "head", ``(batch, d, N, 1)``, and
+    ``combine`` puts the channels back, ``(batch, N, d)``: ``O[:, c] = M^{(c)} X[:, c]``.
+    """
+
+    def values(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2).unsqueeze(-1)
+
+    def combine(self, mixed: torch.Tensor) -> torch.Tensor:
+        return mixed.squeeze(-1).transpose(1, 2)
 
 def register_mixer(name: str):
     """Class decorator: make a mixer constructible as ``make_mixer(name, d_model=..., ...)``."""

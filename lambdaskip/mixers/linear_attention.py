@@ -14,14 +14,13 @@ the states carried across chunks), which costs ``O(N · chunk · d)`` instead of
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from .._checks import check_positive_int
-from .base import TokenMixer, register_mixer
+from .base import MultiHeadProjections, register_mixer
 
 __all__ = ["LinearAttention", "elu_feature_map"]
 
@@ -32,7 +31,7 @@ def elu_feature_map(z: torch.Tensor) -> torch.Tensor:
 
 
 @register_mixer("linear")
-class LinearAttention(TokenMixer):
+class LinearAttention(MultiHeadProjections):
     """Multi-head causal linear attention with feature map ``elu + 1`` (no biases).
 
     Args:
@@ -50,24 +49,9 @@ class LinearAttention(TokenMixer):
 
     def __init__(self, d_model: int, n_heads: int = 1, init_std: float | None = None, chunk_size: int = 64):
         super().__init__()
-        check_positive_int(d_model, "d_model")
-        check_positive_int(n_heads, "n_heads")
         check_positive_int(chunk_size, "chunk_size")
-        if d_model % n_heads:
-            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
-        self.d_model, self.n_heads, self.chunk_size = d_model, n_heads, chunk_size
-        self.head_dim = d_model // n_heads
-        self.w_q = nn.Linear(d_model, d_model, bias=False)
-        self.w_k = nn.Linear(d_model, d_model, bias=False)
-        self.w_v = nn.Linear(d_model, d_model, bias=False)
-        self.w_o = nn.Linear(d_model, d_model, bias=False)
-        std = 1.0 / math.sqrt(d_model) if init_std is None else float(init_std)
-        for lin in (self.w_q, self.w_k, self.w_v, self.w_o):
-            nn.init.normal_(lin.weight, std=std)
-
-    def _split(self, y: torch.Tensor) -> torch.Tensor:
-        b, n, _ = y.shape
-        return y.view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
+        self._init_projections(d_model, n_heads, init_std)
+        self.chunk_size = chunk_size
 
     def _features(self, x: torch.Tensor):
         """``φ(Q), φ(K)``, each ``(batch, H, N, d_h)``."""
@@ -78,13 +62,6 @@ class LinearAttention(TokenMixer):
         fq, fk = self._features(x)
         scores = (fq @ fk.transpose(-1, -2)).tril()  # φ(q_i)ᵀφ(k_j), j ≤ i
         return scores / scores.sum(dim=-1, keepdim=True)
-
-    def values(self, x: torch.Tensor) -> torch.Tensor:
-        return self._split(self.w_v(x))
-
-    def combine(self, mixed: torch.Tensor) -> torch.Tensor:
-        b, _, n, _ = mixed.shape
-        return self.w_o(mixed.transpose(1, 2).reshape(b, n, self.d_model))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

@@ -25,13 +25,13 @@ from torch.nn import functional as F
 
 from .._checks import check_finite_real, check_positive_int
 from ._ssm import diag_recurrence, scan_module, segsum_exp
-from .base import TokenMixer, register_mixer
+from .base import PerChannelMixer, register_mixer
 
 __all__ = ["RGLRU"]
 
 
 @register_mixer("rglru")
-class RGLRU(TokenMixer):
+class RGLRU(PerChannelMixer):
     """Real-Gated Linear Recurrent Unit, one state per channel.
 
     Args:
@@ -69,12 +69,6 @@ class RGLRU(TokenMixer):
         self.check_input(x)
         log_a, gain = self.gates(x)
         return segsum_exp(log_a.transpose(1, 2)) * gain.transpose(1, 2).unsqueeze(-2)
-
-    def values(self, x: torch.Tensor) -> torch.Tensor:
-        return x.transpose(1, 2).unsqueeze(-1)
-
-    def combine(self, mixed: torch.Tensor) -> torch.Tensor:
-        return mixed.squeeze(-1).transpose(1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

@@ -28,13 +28,13 @@ from torch import nn
 
 from .._checks import check_choice, check_positive_int
 from ._ssm import log_uniform
-from .base import TokenMixer, register_mixer
+from .base import PerChannelMixer, register_mixer
 
 __all__ = ["S4D"]
 
 
 @register_mixer("s4d")
-class S4D(TokenMixer):
+class S4D(PerChannelMixer):
     """Diagonal LTI SSM, one SISO system per channel (values ``V = X``, i.e. ``C_V = I``).
 
     Args:
@@ -105,12 +105,6 @@ class S4D(TokenMixer):
         if self.d_skip:
             m = m + torch.diag_embed(self.d.to(x.dtype).unsqueeze(-1).expand(-1, n))
         return m.unsqueeze(0).expand(b, -1, -1, -1)
-
-    def values(self, x: torch.Tensor) -> torch.Tensor:
-        return x.transpose(1, 2).unsqueeze(-1)
-
-    def combine(self, mixed: torch.Tensor) -> torch.Tensor:
-        return mixed.squeeze(-1).transpose(1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

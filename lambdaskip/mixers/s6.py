@@ -29,13 +29,13 @@ from torch.nn import functional as F
 
 from .._checks import check_positive_int
 from ._ssm import diag_recurrence, inv_softplus, log_uniform, scan_module, segsum_exp
-from .base import TokenMixer, register_mixer
+from .base import PerChannelMixer, register_mixer
 
 __all__ = ["S6"]
 
 
 @register_mixer("s6")
-class S6(TokenMixer):
+class S6(PerChannelMixer):
     """Selective SSM with one mixing matrix per channel.
 
     Args:
@@ -101,12 +101,6 @@ class S6(TokenMixer):
         if self.d_skip:
             m = m + torch.diag_embed(self.d.to(x.dtype).unsqueeze(-1).expand(-1, x.shape[1]))
         return m
-
-    def values(self, x: torch.Tensor) -> torch.Tensor:
-        return x.transpose(1, 2).unsqueeze(-1)
-
-    def combine(self, mixed: torch.Tensor) -> torch.Tensor:
-        return mixed.squeeze(-1).transpose(1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
