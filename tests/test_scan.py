@@ -407,3 +407,28 @@ def test_auto_backend_and_no_gpu_imports():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.parametrize("fn", [scan.linear_recurrence, scan.linear_recurrence_parallel])
+def test_linear_recurrence_rejects_bad_arguments(fn):
+    """Regression: mismatched shapes, L = 0 and a bad h0 used to fail deep inside the kernel with a
+    reshape/broadcast RuntimeError (or broadcast silently); now a ValueError/TypeError names them."""
+    a, u = torch.rand(5, 2, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="a must have shape"):
+        fn(a[:, :1], u)
+    with pytest.raises(ValueError, match="L >= 1"):
+        fn(a[:0], u[:0])
+    with pytest.raises(ValueError, match="h0 must have shape"):
+        fn(a, u, torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="u must have the same dtype"):
+        fn(a, u.float())
+    with pytest.raises(TypeError, match="a must be a torch.Tensor"):
+        fn(a.tolist(), u)
+
+
+@pytest.mark.parametrize("chunk", [0, -3, 2.5, True])
+def test_linear_recurrence_rejects_bad_chunk(chunk):
+    """Regression: chunk=0 / negative / float / bool used to be clamped silently to a valid length."""
+    a, u = torch.rand(5, 2, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="chunk must be a positive int"):
+        scan.linear_recurrence(a, u, chunk=chunk)

@@ -190,3 +190,26 @@ def test_paired_differences_statistics():
     assert d["ci_low"] < d["mean_diff"] < d["ci_high"]
     table = training.summary_table(runs)
     assert set(table["paper"]) == {"99.60", "98.90"} and table["mean"].round(6).tolist() == [52.0, 50.0]
+
+
+def test_accuracy_counts_query_positions_only():
+    """MQAR accuracy and loss are over the scored (query) positions: a model right at every query and
+    wrong everywhere else scores 1.0, one wrong at every query scores 0.0, whatever the filler does."""
+    from lambdaskip.tasks import IGNORE_INDEX, make_mqar
+
+    x, y = make_mqar(8, vocab_size=16, seq_len=16, num_pairs=3, num_queries=2, seed=1)
+    V = 16
+
+    class Oracle(torch.nn.Module):
+        def __init__(self, right: bool):
+            super().__init__()
+            self.right = right
+
+        def forward(self, xb):  # (b, N) -> (b, N, V): reads the answer from the targets of this batch
+            yb = y[: xb.shape[0]]
+            pick = torch.where(yb == IGNORE_INDEX, torch.zeros_like(yb), yb if self.right else (yb + 1) % V)
+            return torch.nn.functional.one_hot(pick, V).float() * 10
+
+    assert evaluate(Oracle(True), x, y, batch_size=8)[1] == 1.0
+    assert evaluate(Oracle(False), x, y, batch_size=8)[1] == 0.0
+    assert int((y != IGNORE_INDEX).sum()) == 8 * 2  # 2 scored positions per sequence

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_selective_args", "check_ssd_args", "FLOAT_DTYPES"]
+__all__ = ["check_selective_args", "check_ssd_args", "check_recurrence_args", "FLOAT_DTYPES"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -118,3 +118,33 @@ def check_ssd_args(x, log_decay, B, C, D=None, initial_state=None) -> tuple[int,
     if bool(log_decay.max() > 0):
         raise ValueError("log_decay must be <= 0 so that every decay exp(log_decay) lies in (0, 1]; got positive entries")
     return b, H, L, p, n
+
+
+def check_recurrence_args(a, u, h0=None, chunk=None) -> int:
+    """Validate the arguments of the scalar recurrence ``h_t = a_t h_{t-1} + u_t`` along dim 0.
+
+    ``a, u``: ``(L, *S)`` with the same shape, dtype and device, ``L >= 1``; ``h0``: ``(*S)`` or None;
+    ``chunk``: a positive int or None. Returns ``L``. Finiteness is not checked here: the
+    recurrence is an inner building block (the mixers call it on every forward pass).
+    """
+    _tensor_any(a, "a")
+    _tensor_any(u, "u")
+    _same(a, u, "u", "a")
+    if u.dim() < 1 or u.shape[0] < 1:
+        raise ValueError(f"u must have shape (L, *S) with L >= 1, got shape {tuple(u.shape)}")
+    _shape(a, tuple(u.shape), "a", "(L, *S), the shape of u")
+    if h0 is not None:
+        _tensor_any(h0, "h0")
+        _same(u, h0, "h0", "u")
+        _shape(h0, tuple(u.shape[1:]), "h0", "(*S), the shape of u without its first (time) dimension")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk must be a positive int (the chunk length T) or None, got {chunk!r}")
+    return int(u.shape[0])
+
+
+def _tensor_any(value, name: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (L, *S), got {type(value).__name__}")
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a floating-point dtype (float32 or float64), got {value.dtype}")
+    return value

@@ -34,6 +34,8 @@ import math
 
 import torch
 
+from ._validate import check_recurrence_args
+
 __all__ = ["linear_recurrence", "chunked_recurrence", "selective_scan_chunked", "ssd_scan_chunked", "default_chunk", "segsum",
            "to_chunk_major", "from_chunk_major"]
 
@@ -198,9 +200,13 @@ def linear_recurrence(a: torch.Tensor, u: torch.Tensor, h0: torch.Tensor | None 
 
     Returns:
         h: ``(L, *S)``, differentiable with respect to ``a``, ``u`` and ``h0``.
+
+    Raises:
+        TypeError / ValueError: non-float tensors, ``a`` and ``u`` of different shapes, ``L = 0``,
+            ``h0`` not of shape ``(*S)``, or ``chunk`` not a positive int.
     """
-    L = u.shape[0]
-    T = default_chunk(L) if chunk is None else max(1, min(int(chunk), L))
+    L = check_recurrence_args(a, u, h0, chunk)
+    T = default_chunk(L) if chunk is None else min(chunk, L)
     # padding steps (decay 1, input 0) after the end leave every earlier state unchanged
     h = chunked_recurrence(to_chunk_major(a, T, 1.0), to_chunk_major(u, T, 0.0), h0)
     return from_chunk_major(h, L)

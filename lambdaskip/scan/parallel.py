@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ._validate import check_recurrence_args
+
 __all__ = ["linear_recurrence_parallel", "selective_scan_parallel", "ssd_scan_parallel"]
 
 
@@ -24,7 +26,7 @@ def linear_recurrence_parallel(a: torch.Tensor, u: torch.Tensor, h0: torch.Tenso
     Returns:
         h: ``(L, *S)``.
     """
-    L = u.shape[0]
+    L = check_recurrence_args(a, u, h0)
     acc_a, acc_u = a, u
     shift = 1
     while shift < L:
