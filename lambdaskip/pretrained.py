@@ -197,15 +197,26 @@ class LambdaSurgery:
         site = _Site()
         self.n_sites += 1
 
+        gate_dropped = [False]  # set by drop_gate during this block's call
+
         def grab_skip(module, args, kwargs):
             x = self._arg(args, kwargs, 0, "hidden_states")
             site.x = x.to(torch.float32) if getattr(module, "residual_in_fp32", False) else x
+            gate_dropped[0] = False
 
         def grab_branch(module, args, kwargs, output):
             site.f = output
 
         def replace_output(module, args, kwargs, output):
             # the block computed x + f; return λ·x + f instead (same sum, in the same dtypes, when λ = 1)
+            if not self.gating and not gate_dropped[0]:
+                # The fused-kernel path (CUDA kernels in training mode) applies the gated norm inside
+                # one kernel, so the hook below never ran: refuse rather than silently keep the gate.
+                site.x = site.f = None
+                raise RuntimeError(
+                    "gating=False: the Mamba-2 mixer did not call its gated norm module (a fused kernel "
+                    "path, e.g. training mode on CUDA), so the gate could not be removed; call model.eval()"
+                )
             return site.combine(self.lam)
 
         self._hook(block, "pre", grab_skip)
@@ -216,6 +227,7 @@ class LambdaSurgery:
             def drop_gate(module, args, kwargs):
                 kwargs = dict(kwargs)
                 kwargs.pop("gate", None)
+                gate_dropped[0] = True
                 return (args[0],), kwargs
 
             self._hook(block.mixer.norm, "pre", drop_gate)
@@ -250,7 +262,10 @@ def apply_lambda_surgery(model: nn.Module, lam: float = 1.0, *, gating: bool = T
         model: a ``transformers`` BertModel, AlbertModel or Mamba2Model, or a task model wrapping one
             (``.bert``, ``.albert``, ``.backbone``).
         lam: λ (finite real; negative allowed). λ = 1 leaves the model's function unchanged.
-        gating: Mamba-2 only — ``False`` removes the multiplicative ``SiLU(z)`` gate.
+        gating: Mamba-2 only — ``False`` removes the multiplicative ``SiLU(z)`` gate (the gated RMSNorm
+            then normalises ``y`` instead of ``y ⊙ SiLU(z)``). A forward pass raises ``RuntimeError`` if the
+            mixer bypasses its norm module (the fused CUDA kernel used in training mode), so a gate is
+            never kept silently.
 
     Returns:
         A :class:`LambdaSurgery` handle (``set_lambda``, ``remove``; usable as a context manager).

@@ -116,6 +116,22 @@ def test_mamba2_gating_removed():
     assert (ys[1] - gated[1]).abs().max() > 1e-3
 
 
+def test_mamba2_gating_removal_refuses_when_the_norm_is_bypassed():
+    # regression: a mixer path that never calls its gated norm (the fused CUDA kernel in training mode)
+    # used to keep the gate silently with gating=False; it must raise instead.
+    model = P.tiny_model("mamba2", depth=1)
+    mixer = model.layers[0].mixer
+    mixer.forward = lambda hidden_states, *args, **kwargs: 0.5 * hidden_states  # bypasses mixer.norm
+    try:
+        with torch.no_grad(), P.apply_lambda_surgery(model, 2.0, gating=False):
+            with pytest.raises(RuntimeError, match="gate could not be removed"):
+                _final(model, _ids())
+        with torch.no_grad(), P.apply_lambda_surgery(model, 2.0):  # gating kept: nothing to check
+            _final(model, _ids())
+    finally:
+        del mixer.forward
+
+
 def test_gating_option_only_for_mamba2_and_bad_arguments():
     with pytest.raises(ValueError, match="gating=False"):
         P.apply_lambda_surgery(P.tiny_model("bert", depth=1), 1.0, gating=False)

@@ -60,6 +60,13 @@ def test_consensus_violation_search_finds_none():
     assert out["margin_bound"] < 0.05
 
 
+def test_consensus_search_refuses_non_finite_margins(monkeypatch):
+    # regression: a NaN margin used to be skipped by min() and the search reported "no violation"
+    monkeypatch.setattr(nec, "token_diameter", lambda y: torch.full(y.shape[:-2], float("nan"), dtype=y.dtype))
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        nec.search_consensus_violation(n=3, d=2, restarts=2, steps=3, seed=0)
+
+
 def test_ergodicity_rejects_bad_shapes():
     with pytest.raises(ValueError, match="square"):
         nec.ergodicity_coefficient(torch.ones(2, 3, dtype=F64))

@@ -162,6 +162,9 @@ def search_consensus_violation(
     Returns:
         ``{"margin_bound": float, "margin_diameter": float}``: the smallest margins
         ``bound − τ`` and ``(τ diam(Y) − diam(MY)) / diam(Y)`` seen at any step (≥ 0 if the lemma held).
+    
+    Raises:
+        FloatingPointError: a margin became NaN/Inf (it is never silently skipped).
     """
     check_positive_int(n, "n", minimum=2)
     check_positive_int(d, "d")
@@ -178,6 +181,12 @@ def search_consensus_violation(
         margin_bound = consensus_bound(m) - tau
         dy = token_diameter(y)
         margin_diam = (tau * dy - token_diameter(m @ y)) / dy
+        if not bool(torch.isfinite(margin_bound).all() and torch.isfinite(margin_diam).all()):
+            # Python's min() would silently skip a NaN and report "no violation" from then on.
+            raise FloatingPointError(
+                "search_consensus_violation: a margin became non-finite (e.g. all tokens of Y coincided, "
+                "diam(Y) = 0); try another seed or a smaller lr"
+            )
         worst_bound = min(worst_bound, float(margin_bound.detach().min()))
         worst_diam = min(worst_diam, float(margin_diam.detach().min()))
         opt.zero_grad()
