@@ -441,6 +441,10 @@ def load_minilm(device: torch.device | str = "cpu", dtype: torch.dtype = torch.f
     Never touches the network (``local_files_only=True`` and ``HF_HUB_OFFLINE=1``).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # The fast tokenizer runs a Rust thread pool. A notebook using it stalled once inside a Jupyter
+    # kernel (cause not pinned down); single-threaded tokenisation removes one suspect and costs
+    # nothing for our short passages.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _transformers()
     from transformers import BertModel, BertTokenizerFast
 
