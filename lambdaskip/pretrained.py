@@ -65,6 +65,9 @@ def _transformers():
             "λ-surgery on pretrained models needs the optional dependency `transformers`: "
             "pip install 'lambdaskip[pretrained]'"
         ) from exc
+    # No progress bars while loading: in a notebook they are widgets redrawn from tqdm's monitor
+    # thread, and an executed notebook (book build) stalled once after such a bar.
+    transformers.utils.logging.disable_progress_bar()
     return transformers
 
 

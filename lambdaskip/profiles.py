@@ -63,6 +63,12 @@ def setup(seed: int = 0, *, verbose: bool = True) -> tuple[str, torch.device]:
     from . import plotting  # local import: plotting pulls in matplotlib
 
     seed_everything(seed)
+    # tqdm's monitor thread may redraw a notebook progress bar from a background thread; in executed
+    # notebooks (book build, nbval) we saw a cell's reply go missing after that, leaving the build
+    # waiting forever. The monitor only tunes redraw frequency, so switch it off.
+    import tqdm
+
+    tqdm.tqdm.monitor_interval = 0
     profile = current_profile()
     device = pick_device()
     plotting.set_style()
