@@ -5,8 +5,8 @@ median wall-clock time of several repetitions of
 
 * the forward pass (under ``torch.no_grad``) and the forward + backward pass (gradients to every
   input) of each backend: the sequential ``reference`` loop, the ``chunked`` PyTorch backend, the
-  textbook log-depth ``parallel`` scan (Hillis–Steele, written for comparison) and ``triton`` on
-  CUDA when Triton is installed;
+  textbook log-depth ``parallel`` scan (Hillis–Steele, written for comparison), the compiled CPU
+  kernel ``fused`` when it builds, and ``triton`` on CUDA when Triton is installed;
 * the **memory-bound floor**: the time to copy the same input tensors (``x, Δ, B, C``) once, in the
   same process, right before — no scan can finish faster than it reads its inputs.
 
@@ -84,6 +84,8 @@ def _memory_estimate(backend: str, b, c, n, L, itemsize: int, backward: bool) ->
         return (2.5 * math.ceil(math.log2(max(L, 2))) if backward else 4) * state
     if backend == "chunked":
         return (5 if backward else 0.5) * state
+    if backend == "fused":
+        return 0.3 * state  # inputs, outputs and one (b, L, n) gradient buffer per thread
     return 0.2 * state  # triton: only inputs/outputs (+ the chunked backward)
 
 
@@ -92,9 +94,10 @@ def scan_benchmark(channels=(64, 256), lengths=(256, 1024, 4096, 16384), backend
                    backward=True, threads=None, verbose=True):
     """Time the Mamba-1 scan backends; returns a list of dict rows (one per backend × size × pass).
 
-    ``threads``: run with this many intra-op CPU threads (restored afterwards); ``None`` keeps the
-    current setting. One thread is the robust choice on a shared machine, where a second OpenMP
-    thread that gets descheduled stalls every parallel operation.
+    ``threads``: run with this many intra-op CPU threads (restored afterwards; the copy floor, the
+    PyTorch backends and the fused kernel all use them); ``None`` keeps the current setting. One
+    thread is the robust choice on a machine shared with other work, where a descheduled OpenMP
+    thread stalls every parallel operation.
 
     Each row: ``backend, pass ("fwd" | "fwd+bwd" | "copy"), channels, L, seconds, runs, gbps``
     (input + output bytes / seconds), and ``skipped`` (a reason, or "").
@@ -114,8 +117,9 @@ def _scan_benchmark(channels, lengths, backends, batch, n, dtype, device, reps, 
     from . import scan
 
     device = torch.device(device)
-    if backends is None:
-        backends = [name for name in ("reference", "chunked", "parallel", "triton") if name in scan.available_backends(device)]
+    if backends is None:  # (Triton interpreted on a CPU would take hours: only on a GPU)
+        backends = [name for name in ("reference", "chunked", "parallel", "fused", "triton")
+                    if name in scan.available_backends(device) and (name != "triton" or device.type == "cuda")]
     itemsize = torch.empty(0, dtype=dtype).element_size()
     rows = []
     for c in channels:

@@ -19,7 +19,10 @@ from lambdaskip import scan
 from lambdaskip.scan import chunked as chunked_mod
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
-PT_BACKENDS = ["chunked", "parallel"]
+# the CPU backends besides the oracle: the PyTorch ones and the compiled "fused" kernel (CI has a C++
+# compiler, so it is tested there; without one it is absent). Triton has its own test file.
+PT_BACKENDS = [name for name in scan.available_backends("cpu") if name in ("chunked", "parallel", "fused")]
+FAST_BACKENDS = [name for name in PT_BACKENDS if name != "parallel"]  # the ones meant for long sequences
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -108,21 +111,23 @@ def test_ssd_forward_matches_reference(backend, dtype, regime, shape):
 
 @pytest.mark.parametrize("regime", ["mixed", "near0", "near1"])
 def test_long_sequence_16384(regime):
-    """L = 16384: chunked in float64 and float32 against the float64 loop, Mamba-1 and SSD."""
+    """L = 16384: chunked and fused in float64 and float32 against the float64 loop, Mamba-1 and SSD."""
     L = 16384
     inp = s6_inputs(1, 2, 2, L, torch.float64, regime, with_D=True)
     y_ref, h_ref = run_s6(inp, "reference")
     assert torch.isfinite(y_ref).all()
-    for dtype in (torch.float64, torch.float32):
-        y, h = run_s6([t.to(dtype) if t is not None else None for t in inp], "chunked")
-        assert rel(y.double(), y_ref) <= TOL[dtype], dtype
-        assert rel(h.double(), h_ref) <= TOL[dtype], dtype
+    for backend in FAST_BACKENDS:
+        for dtype in (torch.float64, torch.float32):
+            y, h = run_s6([t.to(dtype) if t is not None else None for t in inp], backend)
+            assert rel(y.double(), y_ref) <= TOL[dtype], (backend, dtype)
+            assert rel(h.double(), h_ref) <= TOL[dtype], (backend, dtype)
     inp = ssd_inputs(1, 1, L, 2, 2, torch.float64, regime)
     y_ref, h_ref = run_ssd(inp, "reference")
-    for dtype in (torch.float64, torch.float32):
-        y, h = run_ssd([t.to(dtype) if t is not None else None for t in inp], "chunked")
-        assert rel(y.double(), y_ref) <= TOL[dtype], dtype
-        assert rel(h.double(), h_ref) <= TOL[dtype], dtype
+    for backend in FAST_BACKENDS:
+        for dtype in (torch.float64, torch.float32):
+            y, h = run_ssd([t.to(dtype) if t is not None else None for t in inp], backend)
+            assert rel(y.double(), y_ref) <= TOL[dtype], (backend, dtype)
+            assert rel(h.double(), h_ref) <= TOL[dtype], (backend, dtype)
 
 
 def test_extreme_decays_stay_finite():
@@ -312,7 +317,7 @@ def _grads(fn, inputs, seed=1):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("regime", ["mixed", "near0", "near1"])
 def test_backward_matches_reference(backend, dtype, regime):
-    L = 700 if backend == "chunked" else 200
+    L = 200 if backend == "parallel" else 700
     inp = s6_inputs(2, 3, 4, L, dtype, regime, with_h0=True, grad=True)
     ref_inp = [t.detach().double().requires_grad_() for t in inp]
     g_ref = _grads(lambda i: run_s6(i, "reference"), ref_inp)
@@ -331,10 +336,11 @@ def test_backward_long_sequence():
     """Backward at L = 4096 (float32 against the float64 loop)."""
     inp = s6_inputs(1, 2, 2, 4096, torch.float64, "mixed", grad=True)
     g_ref = _grads(lambda i: run_s6(i, "reference"), inp)
-    f32 = [t.detach().float().requires_grad_() for t in inp if t is not None] + [None]
-    g = _grads(lambda i: run_s6(i, "chunked"), f32)
-    for name, a, b in zip(["x", "delta", "A", "B", "C", "D"], g, g_ref):
-        assert rel(a.double(), b) <= 1e-4, name
+    for backend in FAST_BACKENDS:
+        f32 = [t.detach().float().requires_grad_() for t in inp if t is not None] + [None]
+        g = _grads(lambda i: run_s6(i, backend), f32)
+        for name, a, b in zip(["x", "delta", "A", "B", "C", "D"], g, g_ref):
+            assert rel(a.double(), b) <= 1e-4, (backend, name)
 
 
 # ------------------------------------------------------------------------------------- errors
@@ -384,9 +390,10 @@ def test_bad_inputs_name_the_argument():
 
 
 def test_auto_backend_and_no_gpu_imports():
-    """On a CPU, "auto" is the chunked backend, "triton" is refused with a clear message unless
-    interpreted, and running a scan never imports Triton (checked in a fresh interpreter)."""
-    assert scan.resolve_backend("auto", "cpu") == "chunked"
+    """On a CPU, "auto" is the fused kernel (the chunked backend where it cannot be compiled),
+    "triton" is refused with a clear message unless interpreted, and running a scan never imports
+    Triton (checked in a fresh interpreter)."""
+    assert scan.resolve_backend("auto", "cpu") == ("fused" if "fused" in PT_BACKENDS else "chunked")
     if os.environ.get("TRITON_INTERPRET") != "1":
         with pytest.raises(ValueError, match="backend='triton' cannot run here"):
             scan.resolve_backend("triton", "cpu")

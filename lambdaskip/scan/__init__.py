@@ -24,9 +24,10 @@ the same ``M · V`` in ``O(L)`` without forming ``M``.
 
 Backends (``backend=``): ``"reference"`` (sequential loop, the oracle), ``"chunked"`` (work-efficient
 PyTorch, CPU and GPU), ``"parallel"`` (textbook log-depth Hillis–Steele scan, for comparison),
-``"triton"`` (CUDA; on CPU only under ``TRITON_INTERPRET=1``), ``"auto"`` (triton on CUDA when
-Triton is installed, chunked otherwise). Every backend is differentiable with respect to every
-input.
+``"fused"`` (a compiled CPU kernel, built with the system C++ compiler at first use; see
+:mod:`lambdaskip.scan.fused`), ``"triton"`` (CUDA; on CPU only under ``TRITON_INTERPRET=1``),
+``"auto"`` (triton on CUDA when Triton is installed; on CPU fused when it compiles, chunked
+otherwise). Every backend is differentiable with respect to every input.
 
 Conventions chosen here: ``delta ≥ 0`` and ``A ≤ 0`` (resp. ``log_decay ≤ 0``) are *required*, so
 every decay lies in (0, 1] and no backend can overflow; ``h_0 = 0`` unless ``initial_state`` is given.
@@ -58,7 +59,7 @@ __all__ = [
     "ssd_scan_ref",
 ]
 
-BACKENDS = ("auto", "reference", "chunked", "parallel", "triton")
+BACKENDS = ("auto", "reference", "chunked", "parallel", "fused", "triton")
 
 
 def _triton_installed() -> bool:
@@ -69,10 +70,20 @@ def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _fused_available() -> bool:
+    from . import fused  # cheap: compiles the kernel only on first call of is_available()
+
+    return fused.is_available()
+
+
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """The backend names that can run on ``device`` in this environment (``"auto"`` excluded)."""
+    """The backend names that can run on ``device`` in this environment (``"auto"`` excluded).
+
+    On a CPU this compiles the fused kernel on first call (a few seconds, once per machine)."""
     device = torch.device(device)
     names = ["reference", "chunked", "parallel"]
+    if device.type == "cpu" and _fused_available():
+        names.append("fused")
     if _triton_installed() and ((device.type == "cuda" and torch.cuda.is_available()) or _triton_interpreted()):
         names.append("triton")
     return names
@@ -82,8 +93,9 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     """Map ``backend`` (possibly ``"auto"``) to a concrete backend name for tensors on ``device``.
 
     Raises:
-        ValueError: unknown name, or ``"triton"`` where it cannot run (no CUDA tensor / no Triton,
-            and not ``TRITON_INTERPRET=1``).
+        ValueError: unknown name, ``"triton"`` where it cannot run (no CUDA tensor / no Triton,
+            and not ``TRITON_INTERPRET=1``), or ``"fused"`` where it cannot run (not a CPU tensor,
+            no C++ compiler, or switched off with ``LAMBDASKIP_FUSED=0``).
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
@@ -91,7 +103,14 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     if backend == "auto":
         if device.type == "cuda" and _triton_installed() and not _triton_interpreted():
             return "triton"
+        if device.type == "cpu" and _fused_available():
+            return "fused"
         return "chunked"
+    if backend == "fused" and "fused" not in available_backends(device):
+        from . import fused
+
+        why = f"the tensors are on {device}, not the CPU" if device.type != "cpu" else fused.unavailable_reason()
+        raise ValueError(f"backend='fused' cannot run here: {why} (use backend='chunked')")
     if backend == "triton" and "triton" not in available_backends(device):
         why = "Triton is not installed" if not _triton_installed() else f"the tensors are on {device}, not CUDA"
         raise ValueError(
@@ -114,7 +133,7 @@ def selective_scan(x, delta, A, B, C, D=None, *, backend: str = "auto", initial_
         A: ``(channels, n)`` diagonal state matrix, entries ≤ 0.
         B, C: ``(batch, n, L)`` input-dependent projections.
         D: ``(channels,)`` skip term, or None.
-        backend: ``"auto"``, ``"reference"``, ``"chunked"``, ``"parallel"`` or ``"triton"``.
+        backend: ``"auto"``, ``"reference"``, ``"chunked"``, ``"parallel"``, ``"fused"`` or ``"triton"``.
         initial_state: ``(batch, channels, n)`` or None.
         return_final_state: also return ``h_{L-1}``.
 
@@ -133,6 +152,8 @@ def selective_scan(x, delta, A, B, C, D=None, *, backend: str = "auto", initial_
         fn = selective_scan_chunked
     elif name == "parallel":
         fn = selective_scan_parallel
+    elif name == "fused":
+        from .fused import selective_scan_fused as fn
     else:
         from .triton_backend import selective_scan_triton as fn  # lazy: imports triton
     return fn(x, delta, A, B, C, D, initial_state, bool(return_final_state))
@@ -166,6 +187,8 @@ def ssd_scan(x, log_decay, B, C, D=None, *, backend: str = "auto", initial_state
         fn = ssd_scan_chunked
     elif name == "parallel":
         fn = ssd_scan_parallel
+    elif name == "fused":
+        from .fused import ssd_scan_fused as fn
     else:
         from .triton_backend import ssd_scan_triton as fn  # lazy: imports triton
     return fn(x, log_decay, B, C, D, initial_state, bool(return_final_state))

@@ -73,10 +73,14 @@ def check_selective_args(x, delta, A, B, C, D=None, initial_state=None) -> tuple
         _tensor(initial_state, "initial_state", 3, "(batch, channels, n)")
         _same(x, initial_state, "initial_state", "x")
         _shape(initial_state, (b, c, n), "initial_state", "(batch, channels, n)")
-    for name, t in (("x", x), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("initial_state", initial_state)):
+    _finite(x, "x")
+    lo, hi = torch.aminmax(delta)  # one pass for both checks: NaN propagates into lo and hi
+    if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+        raise ValueError("delta contains NaN or Inf entries")
+    for name, t in (("A", A), ("B", B), ("C", C), ("D", D), ("initial_state", initial_state)):
         if t is not None:
             _finite(t, name)
-    if bool(delta.min() < 0):
+    if bool(lo < 0):
         raise ValueError("delta must be >= 0 (the step size, already passed through softplus); got negative entries")
     if bool(A.max() > 0):
         raise ValueError("A must be <= 0 so that every decay exp(delta * A) lies in (0, 1]; got positive entries")

@@ -1,0 +1,334 @@
+"""The ``"fused"`` backend: a compiled CPU kernel that walks through time once, state in registers.
+
+Why it exists: eager PyTorch cannot fuse the scan. Every state entry ``h_t[c, s]`` needs its own
+decay ``exp(Δ_t[c] A[c, s])``, so a PyTorch backend writes (and reads back) arrays ``n`` times
+larger than the input — the chunked backend runs 50–80× slower than copying the inputs once. The
+kernel in ``_fused_kernels.cpp`` (C++, no dependencies) forms the decays and inputs in registers
+and reads every input once, which is what the memory-bound floor assumes.
+
+How it is built: at first use, with the system C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``)
+and ``-O3 -march=native``, into a cache folder (``$LAMBDASKIP_CACHE_DIR``, else
+``~/.cache/lambdaskip``) under a name that hashes the source, the flags, the compiler and the CPU,
+so a stale or foreign binary is never loaded. It is loaded with :mod:`ctypes` (which releases the GIL during the call) and called
+with raw pointers on contiguous tensors. Lanes (blocks of 16 channels of one batch element for
+Mamba-1 in float32, ``batch × channels`` in float64, ``batch × heads`` for Mamba-2) are shared
+out over ``torch.get_num_threads()`` threads with OpenMP — in a PyTorch process the library binds
+to the OpenMP runtime PyTorch already loaded, so it runs on PyTorch's own worker threads.
+Compiling takes a few seconds, once per machine.
+
+Speed (measured by ``python -m lambdaskip.bench scan``): the float32 Mamba-1 kernel is bound by
+arithmetic, not memory: every state entry costs one exponential (a degree-6 polynomial after range
+reduction, ``exp2_nonpos_v`` in the source) and three multiply-adds, vectorised over 16 channels.
+
+Where it is not available (no compiler, a non-CPU tensor, ``LAMBDASKIP_FUSED=0``), ``backend="auto"``
+uses the chunked backend instead and ``backend="fused"`` raises a ValueError saying why
+(:func:`unavailable_reason`).
+
+Gradients: Mamba-1 has a fused backward too (a reverse-time scan with states recomputed from
+checkpoints every 64 steps, never by dividing by a decay). Mamba-2 differentiates the chunked
+backend on the same inputs (one extra forward), like the Triton backend.
+
+Dtypes: float32 and float64 run natively; float16/bfloat16 are computed in float32 and cast back.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+__all__ = ["is_available", "unavailable_reason", "load_library", "selective_scan_fused", "ssd_scan_fused",
+           "MAX_STATE", "build_flags"]
+
+MAX_STATE = 256  # the kernel's largest state size n (kMaxN in the C++ source)
+_SOURCE = Path(__file__).with_name("_fused_kernels.cpp")
+_BASE_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]
+_lock = threading.Lock()
+_state: dict = {"lib": None, "error": None, "tried": False}
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_signature() -> str:
+    """Machine + CPU feature flags: a binary built with -march=native must not run on another CPU."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    flags = line
+                    break
+    except OSError:
+        pass
+    return f"{platform.machine()}|{platform.system()}|{flags}"
+
+
+def build_flags(native: bool = True, openmp: bool = True) -> list[str]:
+    """Compiler flags of the fused kernel (``native``: tune for this CPU with ``-march=native``;
+    ``openmp``: share lanes over threads with OpenMP, the runtime PyTorch itself uses)."""
+    flags = list(_BASE_FLAGS)
+    if openmp:
+        flags.append("-fopenmp")
+    if native:
+        flags.append("-march=native")
+        if "avx512f" in _cpu_signature().split():
+            flags.append("-mprefer-vector-width=512")  # n = 16 floats fill exactly one 512-bit register
+    return flags
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("LAMBDASKIP_CACHE_DIR")
+    path = Path(root) if root else Path.home() / ".cache" / "lambdaskip"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if os.access(path, os.W_OK):
+            return path
+    except OSError:
+        pass
+    fallback = Path(tempfile.gettempdir()) / f"lambdaskip-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    fallback.mkdir(parents=True, exist_ok=True)  # a read-only home (some clusters): use /tmp instead
+    return fallback
+
+
+def _compile(cxx: str, flags: list[str]) -> Path:
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\n".join([_SOURCE.read_text(), " ".join(flags), version, _cpu_signature()]).encode())
+    target = _cache_dir() / f"scan_kernels_{key.hexdigest()[:20]}{'.dll' if os.name == 'nt' else '.so'}"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # compile to a private name, then rename: parallel test workers may compile at the same time
+    fd, tmp = tempfile.mkstemp(suffix=target.suffix, dir=target.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cxx, *flags, "-o", tmp, str(_SOURCE)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{Path(cxx).name} {' '.join(flags)} failed:\n{proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    P, I = ctypes.c_void_p, ctypes.c_int64
+    for suffix in ("f32", "f64"):
+        for name, pointers, ints in (("s6_forward", 9, 5), ("s6_backward", 14, 5), ("ssd_forward", 7, 5)):
+            fn = getattr(lib, f"ls_{name}_{suffix}")
+            fn.argtypes = [P] * pointers + [I] * ints
+            fn.restype = ctypes.c_int
+    for name in ("ls_max_state", "ls_vector_width", "ls_has_openmp"):
+        getattr(lib, name).restype = ctypes.c_int
+
+
+def load_library():
+    """Compile (once per machine) and load the kernel library; returns the :class:`ctypes.CDLL`.
+
+    Raises:
+        RuntimeError: disabled with ``LAMBDASKIP_FUSED=0``, no C++ compiler found, or the build failed
+            (the message carries the compiler's error).
+    """
+    with _lock:
+        if _state["lib"] is not None:
+            return _state["lib"]
+        if _state["tried"]:
+            raise RuntimeError(_state["error"])
+        _state["tried"] = True
+        try:
+            if os.environ.get("LAMBDASKIP_FUSED", "1") == "0":
+                raise RuntimeError("the fused CPU kernel is switched off (LAMBDASKIP_FUSED=0)")
+            cxx = _compiler()
+            if cxx is None:
+                raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
+            errors = []
+            for native, openmp in ((True, True), (True, False), (False, False)):
+                try:  # fall back to a portable / single-threaded build if the compiler refuses a flag
+                    path = _compile(cxx, build_flags(native=native, openmp=openmp))
+                    break
+                except RuntimeError as exc:
+                    errors.append(str(exc))
+            else:
+                raise RuntimeError("\n".join(errors))
+            lib = ctypes.CDLL(str(path))
+            _declare(lib)
+            if lib.ls_max_state() != MAX_STATE:
+                raise RuntimeError(f"kernel library {path} is out of date (max state {lib.ls_max_state()})")
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            _state["error"] = f"the fused CPU scan kernel is unavailable: {exc}"
+            raise RuntimeError(_state["error"]) from exc
+        _state["lib"] = lib
+        return lib
+
+
+def is_available() -> bool:
+    """Whether the fused kernel can run here (compiles it on first call)."""
+    try:
+        load_library()
+        return True
+    except RuntimeError:
+        return False
+
+
+def unavailable_reason() -> str | None:
+    """Why the fused kernel cannot run here, or None if it can."""
+    return None if is_available() else _state["error"]
+
+
+# ----------------------------------------------------------------------------- running the kernels
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _prepare(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.detach().to(dtype).contiguous()
+
+
+def _check_device(x: torch.Tensor) -> None:
+    if x.device.type != "cpu":
+        raise ValueError(f"backend='fused' runs on CPU tensors only; got tensors on {x.device} "
+                         "(use backend='auto', 'chunked' or 'triton')")
+
+
+def _s6_forward(lib, x, dt, A, B, C, D, h0):
+    """Run the forward kernel on prepared (contiguous, float32/float64, CPU) tensors; y includes D x."""
+    b, c, L = x.shape
+    n = A.shape[1]
+    y = torch.empty_like(x)
+    hlast = torch.empty(b, c, n, dtype=x.dtype)
+    kernel = lib.ls_s6_forward_f64 if x.dtype == torch.float64 else lib.ls_s6_forward_f32
+    if kernel(*(_ptr(t) for t in (x, dt, A, B, C, D, h0, y, hlast)), b, c, L, n, _threads()) != 0:
+        raise ValueError(f"state size n = {n} exceeds the fused kernel's maximum {MAX_STATE}")
+    return y, hlast
+
+
+class _FusedSelectiveScan(torch.autograd.Function):
+    """Mamba-1 scan with the fused forward and backward kernels (inputs already prepared)."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, h0):
+        lib = load_library()
+        cdt = _compute_dtype(x.dtype)
+        xs, dts, As, Bs, Cs, Ds, h0s = (_prepare(t, cdt) for t in (x, dt, A, B, C, D, h0))
+        y, hlast = _s6_forward(lib, xs, dts, As, Bs, Cs, Ds, h0s)  # y includes D x
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not zeros
+        ctx.save_for_backward(xs, dts, As, Bs, Cs, Ds, h0s)
+        ctx.dtypes = tuple(t.dtype if t is not None else None for t in (x, dt, A, B, C, D, h0))
+        return y.to(x.dtype), hlast.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, gy, ghlast):
+        lib = load_library()
+        xs, dts, As, Bs, Cs, Ds, h0s = ctx.saved_tensors
+        Bt = Bs.transpose(1, 2).contiguous()  # (b, L, n): one step's n numbers adjacent
+        Ct = Cs.transpose(1, 2).contiguous()
+        b, c, L = xs.shape
+        n = As.shape[1]
+        cdt = xs.dtype
+        gy = None if gy is None else gy.detach().to(cdt).contiguous()
+        ghl = None if ghlast is None else ghlast.detach().to(cdt).contiguous()
+        dx, ddt = torch.empty_like(xs), torch.empty_like(xs)
+        dh0 = torch.empty(b, c, n, dtype=cdt)
+        threads = _threads()
+        # dA, dB, dC sum over lanes: one accumulator per thread, summed afterwards (no races)
+        dA = torch.zeros(threads, c, n, dtype=cdt)
+        dBt = torch.zeros(threads, b, L, n, dtype=cdt)
+        dCt = torch.zeros(threads, b, L, n, dtype=cdt)
+        kernel = lib.ls_s6_backward_f64 if cdt == torch.float64 else lib.ls_s6_backward_f32
+        kernel(*(_ptr(t) for t in (xs, dts, As, Bt, Ct, h0s, gy, ghl, dx, ddt, dh0, dA, dBt, dCt)), b, c, L, n, threads)
+        dA, dB, dC = dA.sum(0), dBt.sum(0).transpose(1, 2), dCt.sum(0).transpose(1, 2)
+        dD = None
+        if Ds is not None and gy is not None:  # y = scan + D x
+            dx += Ds[:, None] * gy
+            dD = (gy * xs).sum((0, 2))
+        out = [dx, ddt, dA, dB, dC, dD, dh0 if h0s is not None else None]
+        return tuple(None if g is None else g.to(dt) for g, dt in zip(out, ctx.dtypes))
+
+
+def selective_scan_fused(x, delta, A, B, C, D=None, initial_state=None, return_final_state=False):
+    """Mamba-1 layout with the fused CPU kernel (same contract as the reference).
+
+    Shapes: ``x, delta: (batch, channels, L)``, ``A: (channels, n)`` with ``n ≤ 256``,
+    ``B, C: (batch, n, L)``, ``D: (channels,)``, ``initial_state: (batch, channels, n)``.
+    """
+    _check_device(x)
+    if A.shape[1] > MAX_STATE:
+        raise ValueError(f"A has state size n = {A.shape[1]}; backend='fused' supports n <= {MAX_STATE} "
+                         "(use backend='chunked')")
+    y, hlast = _FusedSelectiveScan.apply(x, delta, A, B, C, D, initial_state)
+    return (y, hlast) if return_final_state else y
+
+
+def _ssd_forward(lib, x, ld, B, C, h0):
+    b, H, L, p = x.shape
+    n = B.shape[-1]
+    y = torch.empty_like(x)
+    hlast = torch.empty(b, H, n, p, dtype=x.dtype)
+    kernel = lib.ls_ssd_forward_f64 if x.dtype == torch.float64 else lib.ls_ssd_forward_f32
+    kernel(*(_ptr(t) for t in (x, ld, B, C, h0, y, hlast)), b * H, L, n, p, _threads())
+    return y, hlast
+
+
+class _FusedSSD(torch.autograd.Function):
+    """Mamba-2 scan: fused forward; backward by differentiating the chunked backend (recompute)."""
+
+    @staticmethod
+    def forward(ctx, x, log_decay, B, C, h0):
+        lib = load_library()
+        cdt = _compute_dtype(x.dtype)
+        y, hlast = _ssd_forward(lib, *(_prepare(t, cdt) for t in (x, log_decay, B, C, h0)))
+        ctx.has_h0 = h0 is not None
+        ctx.save_for_backward(x, log_decay, B, C, *(() if h0 is None else (h0,)))
+        return y.to(x.dtype), hlast.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy, dh):
+        from .chunked import ssd_scan_chunked
+
+        leaves = [t.detach().requires_grad_(True) for t in ctx.saved_tensors]
+        with torch.enable_grad():
+            y, hlast = ssd_scan_chunked(*leaves[:4], None, leaves[4] if ctx.has_h0 else None, True)
+            grads = torch.autograd.grad((y, hlast), leaves, (dy, dh), allow_unused=True)
+        return (*grads[:4], grads[4] if ctx.has_h0 else None)
+
+
+def ssd_scan_fused(x, log_decay, B, C, D=None, initial_state=None, return_final_state=False):
+    """Mamba-2 / SSD layout with the fused CPU kernel (same contract as the reference).
+
+    Shapes: ``x: (batch, heads, L, p)``, ``log_decay: (batch, heads, L)``, ``B, C: (batch, heads, L, n)``,
+    ``D: (heads,)``, ``initial_state: (batch, heads, n, p)``.
+    """
+    _check_device(x)
+    y, hlast = _FusedSSD.apply(x, log_decay, B, C, initial_state)
+    if D is not None:
+        y = y + D[None, :, None, None] * x
+    return (y, hlast) if return_final_state else y
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m lambdaskip.scan.fused`: build and report
+    try:
+        print("fused kernel:", load_library()._name)
+    except RuntimeError as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(1)

@@ -1,0 +1,194 @@
+"""The compiled CPU backend ("fused") beyond the shared backend tests in test_scan.py.
+
+Covered here: the shapes that exercise every code path of the kernel (channel blocks of 16 with a
+partial last block, time tiles of 64 and 16-step transposes with tails, the compile-time state size
+16 and the run-time one), float16/bfloat16 inputs, non-contiguous inputs, gradients from the final
+state alone, thread counts, the build cache, and the fallbacks when the kernel cannot be built.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lambdaskip import scan
+from lambdaskip.scan import fused
+
+pytestmark = pytest.mark.skipif(not fused.is_available(), reason=f"{fused.unavailable_reason()}")
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def s6(b, c, n, L, dtype=torch.float64, seed=0, h0=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, c, L, generator=g, dtype=dtype)
+    delta = torch.exp(6 * torch.rand(b, c, L, generator=g, dtype=dtype) - 6)  # 2.5e-3 .. 1
+    A = -torch.exp(8 * torch.rand(c, n, generator=g, dtype=dtype) - 4)  # -0.02 .. -55: decays from ~1 to ~0
+    B = torch.randn(b, n, L, generator=g, dtype=dtype)
+    C = torch.randn(b, n, L, generator=g, dtype=dtype)
+    D = torch.randn(c, generator=g, dtype=dtype)
+    hinit = torch.randn(b, c, n, generator=g, dtype=dtype) if h0 else None
+    return x, delta, A, B, C, D, hinit
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [
+    (1, 1, 1, 1),       # everything minimal
+    (2, 16, 16, 64),    # exactly one channel block and one time tile
+    (1, 17, 16, 65),    # one full block + a block of 1; one tile + a 1-step tile
+    (2, 40, 16, 203),   # partial last block, 16-step transposes with a tail of 11
+    (1, 5, 7, 300),     # run-time state size
+    (1, 3, 64, 33),     # larger state
+])
+def test_forward_and_final_state_match_reference(dtype, shape):
+    b, c, n, L = shape
+    x, delta, A, B, C, D, h0 = (t.to(dtype) for t in s6(*shape))
+    ref = [t.double() for t in (x, delta, A, B, C, D, h0)]
+    y_ref, h_ref = scan.selective_scan(*ref[:6], backend="reference", initial_state=ref[6], return_final_state=True)
+    y, h = scan.selective_scan(x, delta, A, B, C, D, backend="fused", initial_state=h0, return_final_state=True)
+    assert y.dtype == dtype and y.shape == (b, c, L) and h.shape == (b, c, n)
+    assert rel(y.double(), y_ref) <= TOL[dtype] and rel(h.double(), h_ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backward_matches_reference_with_partial_blocks(dtype):
+    x, delta, A, B, C, D, h0 = s6(2, 19, 16, 150)
+    leaves = [t.to(dtype).requires_grad_() for t in (x, delta, A, B, C, D, h0)]
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    g = torch.Generator().manual_seed(1)
+    wy, wh = torch.randn(2, 19, 150, generator=g, dtype=torch.float64), torch.randn(2, 19, 16, generator=g, dtype=torch.float64)
+    for inputs, backend in ((leaves, "fused"), (ref, "reference")):
+        y, h = scan.selective_scan(*inputs[:6], backend=backend, initial_state=inputs[6], return_final_state=True)
+        ((y * wy.to(y.dtype)).sum() + (h * wh.to(h.dtype)).sum()).backward()
+    for name, a, r in zip(["x", "delta", "A", "B", "C", "D", "h0"], leaves, ref):
+        assert rel(a.grad.double(), r.grad) <= TOL[dtype], name
+
+
+def test_gradient_from_the_final_state_only():
+    """When only h_last is used, the output gradient is None inside the kernel: still exact."""
+    x, delta, A, B, C, D, h0 = (t.requires_grad_() for t in s6(1, 3, 4, 40))
+
+    def final_state(x, delta, A, B, C, D, h0):
+        return scan.selective_scan(x, delta, A, B, C, D, backend="fused", initial_state=h0, return_final_state=True)[1]
+
+    assert torch.autograd.gradcheck(final_state, (x, delta, A, B, C, D, h0))
+
+
+def test_ssd_gradcheck_and_random_shapes():
+    g = torch.Generator().manual_seed(3)
+    for (b, H, L, p, n) in [(1, 1, 1, 1, 1), (2, 3, 37, 5, 4), (1, 2, 130, 16, 16)]:
+        x = torch.randn(b, H, L, p, generator=g, dtype=torch.float64)
+        ld = -torch.exp(6 * torch.rand(b, H, L, generator=g, dtype=torch.float64) - 5)
+        B, C = torch.randn(b, H, L, n, generator=g, dtype=torch.float64), torch.randn(b, H, L, n, generator=g, dtype=torch.float64)
+        D, S0 = torch.randn(H, generator=g, dtype=torch.float64), torch.randn(b, H, n, p, generator=g, dtype=torch.float64)
+        y_ref, s_ref = scan.ssd_scan(x, ld, B, C, D, backend="reference", initial_state=S0, return_final_state=True)
+        for dtype in (torch.float64, torch.float32):
+            args = [t.to(dtype) for t in (x, ld, B, C, D)]
+            y, s = scan.ssd_scan(*args, backend="fused", initial_state=S0.to(dtype), return_final_state=True)
+            assert rel(y.double(), y_ref) <= TOL[dtype] and rel(s.double(), s_ref) <= TOL[dtype]
+    leaves = [t.detach()[:, :, :9].clone().requires_grad_() if t.dim() > 2 else t.detach().clone().requires_grad_()
+              for t in (x, ld, B, C)]
+    assert torch.autograd.gradcheck(lambda *a: scan.ssd_scan(*a, backend="fused"), tuple(leaves))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_are_computed_in_float32(dtype):
+    x, delta, A, B, C, D, _ = s6(2, 20, 16, 100, h0=False)
+    low = [t.to(dtype) for t in (x, delta, A, B, C, D)]
+    y = scan.selective_scan(*low, backend="fused")
+    y_ref = scan.selective_scan(*(t.double() for t in low), backend="reference")  # same rounded inputs
+    assert y.dtype == dtype
+    assert rel(y.double(), y_ref) <= 1e-2  # only the output rounding to 8/11 bits remains
+
+
+def test_non_contiguous_inputs():
+    """Views in the mixer's natural (batch, L, channels) layout, transposed to the API's layout."""
+    x, delta, A, B, C, D, h0 = s6(2, 20, 16, 70, dtype=torch.float32)
+    xv, dv = x.transpose(1, 2).contiguous().transpose(1, 2), delta.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not xv.is_contiguous()
+    y = scan.selective_scan(xv, dv, A, B, C, D, backend="fused", initial_state=h0)
+    assert torch.equal(y, scan.selective_scan(x, delta, A, B, C, D, backend="fused", initial_state=h0))
+
+
+def test_same_result_on_one_and_two_threads():
+    """Lanes are independent, so the forward pass does not depend on the thread count (bit for bit);
+    the backward's per-thread sums differ only by rounding."""
+    x, delta, A, B, C, D, h0 = (t.float() for t in s6(3, 40, 16, 90))
+    old = torch.get_num_threads()
+    out = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            leaves = [t.clone().requires_grad_() for t in (x, delta, A, B, C)]
+            y = scan.selective_scan(*leaves, D, backend="fused", initial_state=h0)
+            y.square().sum().backward()
+            out.append((y.detach(), [t.grad for t in leaves]))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(out[0][0], out[1][0])
+    for g1, g2 in zip(out[0][1], out[1][1]):
+        assert rel(g2.double(), g1.double()) <= 1e-6
+
+
+def test_state_size_limit_is_a_clear_error():
+    x, delta, _, _, _, _, _ = s6(1, 2, 1, 5, dtype=torch.float32)
+    n = fused.MAX_STATE + 1
+    A, B = -torch.rand(2, n), torch.randn(1, n, 5)
+    with pytest.raises(ValueError, match="backend='fused' supports n <= 256"):
+        scan.selective_scan(x, delta, A, B, B, backend="fused")
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300)
+
+
+PROBE = (
+    "import torch\n"
+    "from lambdaskip import scan\n"
+    "from lambdaskip.scan import fused\n"
+    "print(scan.resolve_backend('auto', 'cpu'))\n"
+    "x = torch.randn(1, 2, 8)\n"
+    "y = scan.selective_scan(x, torch.rand(1, 2, 8), -torch.rand(2, 3), torch.randn(1, 3, 8), torch.randn(1, 3, 8))\n"
+    "try:\n"
+    "    scan.selective_scan(x, torch.rand(1, 2, 8), -torch.rand(2, 3), torch.randn(1, 3, 8), torch.randn(1, 3, 8), backend='fused')\n"
+    "    print('fused ran')\n"
+    "except ValueError as e:\n"
+    "    print('refused:', e)\n"
+)
+
+
+def test_switched_off_falls_back_to_chunked():
+    out = _python(PROBE, LAMBDASKIP_FUSED="0")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "chunked"
+    assert "backend='fused' cannot run here" in lines[1] and "LAMBDASKIP_FUSED=0" in lines[1]
+
+
+def test_failed_build_falls_back_with_the_compiler_message(tmp_path):
+    """A compiler that fails (here: `false`) in an empty cache: auto uses chunked, fused says why."""
+    out = _python(PROBE, CXX="false", LAMBDASKIP_CACHE_DIR=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "chunked"
+    assert "refused:" in lines[1] and "failed" in lines[1]
+
+
+def test_build_is_cached_per_source_and_cpu(tmp_path):
+    """A fresh cache folder gets one library; a second process loads it without compiling."""
+    code = "from lambdaskip.scan import fused; print(fused.load_library()._name)"
+    first = _python(code, LAMBDASKIP_CACHE_DIR=str(tmp_path))
+    assert first.returncode == 0, first.stderr
+    built = sorted(p.name for p in tmp_path.iterdir())
+    assert len(built) == 1 and built[0].startswith("scan_kernels_")  # no temporary files left behind
+    mtime = (tmp_path / built[0]).stat().st_mtime_ns
+    second = _python(code, LAMBDASKIP_CACHE_DIR=str(tmp_path))
+    assert second.stdout == first.stdout and (tmp_path / built[0]).stat().st_mtime_ns == mtime
