@@ -192,3 +192,23 @@ def test_build_is_cached_per_source_and_cpu(tmp_path):
     mtime = (tmp_path / built[0]).stat().st_mtime_ns
     second = _python(code, LAMBDASKIP_CACHE_DIR=str(tmp_path))
     assert second.stdout == first.stdout and (tmp_path / built[0]).stat().st_mtime_ns == mtime
+
+
+def test_wheel_ships_the_kernel_source(tmp_path):
+    """`pip install` (e.g. on Colab) must carry the C++ source, or the fused backend silently
+    falls back to the chunked one. Built from a copy of the package so the checkout stays clean."""
+    import shutil
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    shutil.copytree(root / "lambdaskip", src / "lambdaskip", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        if (root / name).exists():
+            shutil.copy(root / name, src / name)
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
+                          "-w", str(tmp_path / "dist")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    wheel = next((tmp_path / "dist").glob("lambdaskip-*.whl"))
+    assert "lambdaskip/scan/_fused_kernels.cpp" in zipfile.ZipFile(wheel).namelist()
