@@ -18,9 +18,9 @@
 //   Mamba-2 / SSD forward: x, y: (bh, L, p);  ld: (bh, L);  B, C: (bh, L, n);  h0, hlast: (bh, n, p).
 //
 // Floating point: float inputs use float arithmetic with the exponential below (relative error
-// 9.3e-8 in float evaluation); double inputs use std::exp. The float forward sums over the state
-// index in the same order as the reference loop; the backward's sums are vectorised
-// (#pragma omp simd reduction) and so summed in a different order: identical up to rounding.
+// 9.3e-8 in float evaluation); double inputs use std::exp. The float forward adds D x first and
+// then the state terms in order s = 0, 1, ...; the backward's sums are vectorised (#pragma omp simd
+// reduction). Either way the order differs from the reference loop's: identical up to rounding.
 
 #include <cmath>
 #include <cstdint>
