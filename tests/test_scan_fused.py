@@ -145,6 +145,65 @@ def test_state_size_limit_is_a_clear_error():
         scan.selective_scan(x, delta, A, B, B, backend="fused")
 
 
+def test_auto_uses_chunked_beyond_the_state_size_limit():
+    """`backend="auto"` must not fail where the kernel cannot run: n > 256 goes to the chunked backend."""
+    x, delta, _, _, _, _, _ = s6(1, 2, 1, 5)
+    n = fused.MAX_STATE + 1
+    g = torch.Generator().manual_seed(1)
+    A = -torch.rand(2, n, generator=g, dtype=torch.float64)
+    B, C = torch.randn(1, n, 5, generator=g, dtype=torch.float64), torch.randn(1, n, 5, generator=g, dtype=torch.float64)
+    y = scan.selective_scan(x, delta, A, B, C)
+    assert rel(y, scan.selective_scan(x, delta, A, B, C, backend="reference")) <= 1e-10
+
+
+@pytest.mark.parametrize("layout", ["s6", "ssd"])
+def test_second_derivatives_are_refused_not_wrong(layout):
+    """The kernels' backward passes are not differentiable: asking for a Hessian must raise, never
+    silently return zeros."""
+    if layout == "s6":
+        x, delta, A, B, C, D, _ = s6(1, 3, 4, 6, h0=False)
+        leaves = [t.clone().requires_grad_() for t in (x, delta, A, B, C)]
+        y = scan.selective_scan(*leaves, D, backend="fused")
+    else:
+        g = torch.Generator().manual_seed(2)
+        x, B, C = (torch.randn(1, 2, 6, k, generator=g, dtype=torch.float64) for k in (3, 4, 4))
+        ld = -torch.rand(1, 2, 6, generator=g, dtype=torch.float64)
+        leaves = [t.clone().requires_grad_() for t in (x, ld, B, C)]
+        y = scan.ssd_scan(*leaves, backend="fused")
+    (gx,) = torch.autograd.grad(y.square().sum(), leaves[0], create_graph=True)
+    assert gx.requires_grad  # the error is delayed to the second backward pass
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ssd_half_precision_gradients_keep_their_dtype(dtype):
+    g = torch.Generator().manual_seed(3)
+    x, B, C = (torch.randn(1, 2, 20, k, generator=g) for k in (3, 4, 4))
+    ld = -torch.rand(1, 2, 20, generator=g)
+    low = [t.to(dtype).requires_grad_() for t in (x, ld, B, C)]
+    scan.ssd_scan(*low, backend="fused").float().square().sum().backward()
+    ref = [t.detach().double().requires_grad_() for t in low]  # the same rounded inputs, in float64
+    scan.ssd_scan(*ref, backend="reference").square().sum().backward()
+    for lo, hi in zip(low, ref):
+        assert lo.grad.dtype == dtype and rel(lo.grad.double(), hi.grad) <= 2e-2
+
+
+def test_temp_fallback_cache_must_be_private(tmp_path):
+    """The fallback folder in a shared temp dir is only used if it is ours and closed to others."""
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o700)
+    assert fused._private_dir(mine)
+    opened = tmp_path / "opened"
+    opened.mkdir()
+    opened.chmod(0o777)
+    assert not fused._private_dir(opened)
+    link = tmp_path / "link"
+    link.symlink_to(mine)
+    assert not fused._private_dir(link)
+    assert not fused._private_dir(tmp_path / "missing")
+
+
 def _python(code: str, **env) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **env}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300)

@@ -146,6 +146,11 @@ def selective_scan(x, delta, A, B, C, D=None, *, backend: str = "auto", initial_
     """
     check_selective_args(x, delta, A, B, C, D, initial_state)
     name = resolve_backend(backend, x.device)
+    if name == "fused" and backend == "auto":
+        from .fused import MAX_STATE
+
+        if A.shape[1] > MAX_STATE:  # the fused kernel keeps the state in registers: n is capped
+            name = "chunked"
     if name == "reference":
         fn = selective_scan_ref
     elif name == "chunked":

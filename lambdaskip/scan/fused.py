@@ -51,6 +51,7 @@ __all__ = ["is_available", "unavailable_reason", "load_library", "selective_scan
 MAX_STATE = 256  # the kernel's largest state size n (kMaxN in the C++ source)
 _SOURCE = Path(__file__).with_name("_fused_kernels.cpp")
 _BASE_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]
+_COMPILE_TIMEOUT_S = 300  # a compiler that hangs must not hang the caller
 _lock = threading.Lock()
 _state: dict = {"lib": None, "error": None, "tried": False}
 
@@ -89,7 +90,27 @@ def build_flags(native: bool = True, openmp: bool = True) -> list[str]:
     return flags
 
 
+def _private_dir(path: Path) -> bool:
+    """Whether ``path`` is a real folder (not a link) owned by this user and writable by nobody else:
+    a shared folder such as /tmp must not let another user plant the library we are about to load."""
+    import stat
+
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    if not stat.S_ISDIR(info.st_mode) or info.st_mode & 0o022:
+        return False
+    return not hasattr(os, "getuid") or info.st_uid == os.getuid()
+
+
 def _cache_dir() -> Path:
+    """Where compiled kernels live: ``$LAMBDASKIP_CACHE_DIR``, else ``~/.cache/lambdaskip``; if that
+    cannot be written (a read-only home on some clusters), a private per-user folder in the temp dir.
+
+    Raises:
+        RuntimeError: no usable folder (the fused backend is then unavailable; the others still work).
+    """
     root = os.environ.get("LAMBDASKIP_CACHE_DIR")
     path = Path(root) if root else Path.home() / ".cache" / "lambdaskip"
     try:
@@ -98,14 +119,22 @@ def _cache_dir() -> Path:
             return path
     except OSError:
         pass
-    fallback = Path(tempfile.gettempdir()) / f"lambdaskip-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
-    fallback.mkdir(parents=True, exist_ok=True)  # a read-only home (some clusters): use /tmp instead
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    fallback = Path(tempfile.gettempdir()) / f"lambdaskip-{user}"
+    try:
+        fallback.mkdir(mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise RuntimeError(f"cannot write the kernel cache {path} nor create {fallback}: {exc}") from exc
+    if not _private_dir(fallback):
+        raise RuntimeError(f"cannot write the kernel cache {path}, and {fallback} is not a private folder "
+                           "of this user (set LAMBDASKIP_CACHE_DIR to a folder you own)")
     return fallback
 
 
 def _compile(cxx: str, flags: list[str]) -> Path:
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\n".join([_SOURCE.read_text(), " ".join(flags), version, _cpu_signature()]).encode())
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256(_SOURCE.read_bytes())
+    key.update("\n".join(["", " ".join(flags), version, _cpu_signature()]).encode())
     target = _cache_dir() / f"scan_kernels_{key.hexdigest()[:20]}{'.dll' if os.name == 'nt' else '.so'}"
     if target.exists():
         return target
@@ -114,9 +143,11 @@ def _compile(cxx: str, flags: list[str]) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=target.suffix, dir=target.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cxx, *flags, "-o", tmp, str(_SOURCE)], capture_output=True, text=True)
+        proc = subprocess.run([cxx, *flags, "-o", tmp, str(_SOURCE)], capture_output=True, text=True,
+                              timeout=_COMPILE_TIMEOUT_S)
         if proc.returncode != 0:
             raise RuntimeError(f"{Path(cxx).name} {' '.join(flags)} failed:\n{proc.stderr.strip()[-2000:]}")
+        os.chmod(tmp, 0o755)  # mkstemp creates 0600; a shared cache must stay loadable by its owner's tools
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -167,7 +198,7 @@ def load_library():
             _declare(lib)
             if lib.ls_max_state() != MAX_STATE:
                 raise RuntimeError(f"kernel library {path} is out of date (max state {lib.ls_max_state()})")
-        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever goes wrong, record why (unavailable_reason)
             _state["error"] = f"the fused CPU scan kernel is unavailable: {exc}"
             raise RuntimeError(_state["error"]) from exc
         _state["lib"] = lib
@@ -238,6 +269,7 @@ class _FusedSelectiveScan(torch.autograd.Function):
         return y.to(x.dtype), hlast.to(x.dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernel's gradients are not themselves differentiable
     def backward(ctx, gy, ghlast):
         lib = load_library()
         xs, dts, As, Bs, Cs, Ds, h0s = ctx.saved_tensors
@@ -256,7 +288,9 @@ class _FusedSelectiveScan(torch.autograd.Function):
         dBt = torch.zeros(threads, b, L, n, dtype=cdt)
         dCt = torch.zeros(threads, b, L, n, dtype=cdt)
         kernel = lib.ls_s6_backward_f64 if cdt == torch.float64 else lib.ls_s6_backward_f32
-        kernel(*(_ptr(t) for t in (xs, dts, As, Bt, Ct, h0s, gy, ghl, dx, ddt, dh0, dA, dBt, dCt)), b, c, L, n, threads)
+        if kernel(*(_ptr(t) for t in (xs, dts, As, Bt, Ct, h0s, gy, ghl, dx, ddt, dh0, dA, dBt, dCt)),
+                  b, c, L, n, threads) != 0:
+            raise ValueError(f"state size n = {n} exceeds the fused kernel's maximum {MAX_STATE}")
         dA, dB, dC = dA.sum(0), dBt.sum(0).transpose(1, 2), dCt.sum(0).transpose(1, 2)
         dD = None
         if Ds is not None and gy is not None:  # y = scan + D x
@@ -271,6 +305,10 @@ def selective_scan_fused(x, delta, A, B, C, D=None, initial_state=None, return_f
 
     Shapes: ``x, delta: (batch, channels, L)``, ``A: (channels, n)`` with ``n ≤ 256``,
     ``B, C: (batch, n, L)``, ``D: (channels,)``, ``initial_state: (batch, channels, n)``.
+
+    Internal: the kernel trusts its inputs (it reads raw memory), so this function does not check
+    shapes or values. Call :func:`lambdaskip.scan.selective_scan` with ``backend="fused"``, which
+    validates first, or :func:`lambdaskip.scan.check_selective_args` yourself.
     """
     _check_device(x)
     if A.shape[1] > MAX_STATE:
@@ -286,7 +324,8 @@ def _ssd_forward(lib, x, ld, B, C, h0):
     y = torch.empty_like(x)
     hlast = torch.empty(b, H, n, p, dtype=x.dtype)
     kernel = lib.ls_ssd_forward_f64 if x.dtype == torch.float64 else lib.ls_ssd_forward_f32
-    kernel(*(_ptr(t) for t in (x, ld, B, C, h0, y, hlast)), b * H, L, n, p, _threads())
+    if kernel(*(_ptr(t) for t in (x, ld, B, C, h0, y, hlast)), b * H, L, n, p, _threads()) != 0:
+        raise RuntimeError(f"the fused SSD kernel refused shapes x {tuple(x.shape)}, B {tuple(B.shape)}")
     return y, hlast
 
 
@@ -303,13 +342,22 @@ class _FusedSSD(torch.autograd.Function):
         return y.to(x.dtype), hlast.to(x.dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # second derivatives: use backend="chunked"
     def backward(ctx, dy, dh):
         from .chunked import ssd_scan_chunked
 
-        leaves = [t.detach().requires_grad_(True) for t in ctx.saved_tensors]
+        saved = ctx.saved_tensors
+        cdt = _compute_dtype(saved[0].dtype)  # half precision: differentiate in float32, like the forward
+        leaves = [t.detach().to(cdt).requires_grad_(True) for t in saved]
+        outs, seeds = [], []
         with torch.enable_grad():
             y, hlast = ssd_scan_chunked(*leaves[:4], None, leaves[4] if ctx.has_h0 else None, True)
-            grads = torch.autograd.grad((y, hlast), leaves, (dy, dh), allow_unused=True)
+            for out, seed in ((y, dy), (hlast, dh)):
+                if seed is not None:
+                    outs.append(out)
+                    seeds.append(seed.to(cdt))
+            grads = torch.autograd.grad(outs, leaves, seeds, allow_unused=True) if outs else [None] * len(leaves)
+        grads = [None if g is None else g.to(t.dtype) for g, t in zip(grads, saved)]
         return (*grads[:4], grads[4] if ctx.has_h0 else None)
 
 
@@ -318,6 +366,9 @@ def ssd_scan_fused(x, log_decay, B, C, D=None, initial_state=None, return_final_
 
     Shapes: ``x: (batch, heads, L, p)``, ``log_decay: (batch, heads, L)``, ``B, C: (batch, heads, L, n)``,
     ``D: (heads,)``, ``initial_state: (batch, heads, n, p)``.
+
+    Internal, like :func:`selective_scan_fused`: no input checks here; go through
+    :func:`lambdaskip.scan.ssd_scan` (``backend="fused"``) or call ``check_ssd_args`` first.
     """
     _check_device(x)
     y, hlast = _FusedSSD.apply(x, log_decay, B, C, initial_state)
