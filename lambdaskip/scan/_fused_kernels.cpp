@@ -160,8 +160,8 @@ inline void tile_out(const VF* __restrict buf, int cw, int64_t tt, float* __rest
 template <int NF>
 void s6_forward_block_f32(const float* __restrict x, const float* __restrict dt, const float* __restrict A,
                           const float* __restrict B, const float* __restrict C, const float* __restrict D,
-                          const float* __restrict h0, float* __restrict y, float* __restrict hlast, int64_t c,
-                          int64_t L, int n_runtime, int64_t bi, int64_t c0) {
+                          const float* __restrict h0, float* __restrict y, float* __restrict hlast,
+                          VF* __restrict ckpt, int64_t c, int64_t L, int n_runtime, int64_t bi, int64_t c0) {
     const int n = NF > 0 ? NF : n_runtime;
     const int cw = c - c0 < W ? static_cast<int>(c - c0) : W;  // channels in this block (the rest: padding)
     VF a[NF > 0 ? NF : kMaxN], h[NF > 0 ? NF : kMaxN];
@@ -179,6 +179,8 @@ void s6_forward_block_f32(const float* __restrict x, const float* __restrict dt,
     const int64_t row0 = (bi * c + c0) * L;  // first lane's time series in x, dt and y
     for (int64_t t0 = 0; t0 < L; t0 += kTile) {
         const int64_t tt = L - t0 < kTile ? L - t0 : kTile;
+        if (ckpt)  // for the backward pass: the state entering every tile
+            for (int s = 0; s < n; ++s) ckpt[(t0 / kTile) * n + s] = h[s];
         tile_in(dt + row0 + t0, L, cw, tt, dl);
         tile_in(x + row0 + t0, L, cw, tt, xl);
         for (int64_t t = 0; t < tt; ++t) {
@@ -196,6 +198,173 @@ void s6_forward_block_f32(const float* __restrict x, const float* __restrict dt,
     }
     for (int j = 0; j < cw; ++j)
         for (int s = 0; s < n; ++s) hlast[(bi * c + c0 + j) * n + s] = h[s][j];
+}
+
+// ---------------------------------------------------------------- Mamba-1 / S6, backward (float)
+// Vectorised over W channels of one batch element, like the forward. Reverse-time recurrence for
+// g_t = dLoss/dh_t:  g_t = exp(dt_{t+1} A) g_{t+1} + gy_t C_t (+ the final state's gradient at t = L-1).
+// The states h_{t-1} the gradients need are recomputed tile by tile (kTile steps) from the states
+// entering each tile, which the forward pass saved (ckpt) -- never by dividing by a decay, which
+// could be 0.
+//
+// dB_t[s] and dC_t[s] are sums over all channels. A lane is one batch element and a group of
+// consecutive channel blocks; it walks the tiles from last to first and, within a tile, runs its blocks
+// one after the other, adding their channel sums into a small tile buffer that is written out once.
+// The output is one (L, n) row per group, (b, groups, L, n); the caller picks groups = 1 unless there
+// are fewer batch elements than threads. No atomics: for a given number of groups the result is the
+// same bit for bit on any number of threads.
+
+// out[s] += sum_j v[s][j] for s < n (a horizontal sum of each of n vectors). With AVX-512, 16 vectors
+// at a time are transposed in registers and added up, giving 16 sums in one vector.
+inline void add_lane_sums(const VF* __restrict v, int n, float* __restrict out) {
+    int s = 0;
+#if defined(__AVX512F__)
+    for (; s + 16 <= n; s += 16) {
+        __m512 r[16];
+        for (int i = 0; i < 16; ++i) r[i] = (__m512)v[s + i];
+        transpose16(r);  // r[j] lane i = v[s + i][j]
+        __m512 acc = _mm512_loadu_ps(out + s);
+        for (int j = 0; j < 16; ++j) acc = _mm512_add_ps(acc, r[j]);
+        _mm512_storeu_ps(out + s, acc);
+    }
+#endif
+    for (; s < n; ++s) {
+        float acc = 0.0f;
+        for (int j = 0; j < W; ++j) acc += v[s][j];
+        out[s] += acc;
+    }
+}
+
+// What one block of W channels carries from tile to tile in the backward pass.
+struct S6BlockGrad {
+    VF* a;     // (n) A in log2 units (padding lanes 0)
+    VF* g;     // (n) dLoss/dh entering the current tile from the right
+    VF* dA;    // (n) running sum of dLoss/dA
+    VF D, dD;  // skip weight, running sum of dLoss/dD
+    const VF* ck;  // (K, n) states entering each tile
+    int64_t row0;  // first channel's offset in x, dt, gy, dx, ddt
+    int cw;        // real channels in the block
+};
+
+// One tile [t0, t0 + tt) of one block: recompute its states, then run the adjoint backwards through
+// it, writing dx and ddt and adding the block's channel sums of dB, dC into tB, tC (tt, n).
+template <int NF>
+void s6_backward_tile_f32(const float* __restrict x, const float* __restrict dt, const float* __restrict gy,
+                          const float* __restrict Bb, const float* __restrict Cb, S6BlockGrad& st,
+                          float* __restrict dx, float* __restrict ddt, int64_t L, int64_t k, int64_t t0,
+                          int64_t tt, int n_runtime, VF* __restrict hbuf, float* __restrict tB,
+                          float* __restrict tC) {
+    const int n = NF > 0 ? NF : n_runtime;
+    VF vB[NF > 0 ? NF : kMaxN], vC[NF > 0 ? NF : kMaxN];
+    alignas(64) VF dl[kTile], xl[kTile], gl[kTile], dxl[kTile], ddl[kTile];
+    const VF* __restrict a = st.a;
+    VF* __restrict g = st.g;
+    VF* __restrict dAv = st.dA;
+    tile_in(dt + st.row0 + t0, L, st.cw, tt, dl);
+    tile_in(x + st.row0 + t0, L, st.cw, tt, xl);
+    if (gy) tile_in(gy + st.row0 + t0, L, st.cw, tt, gl);
+    else for (int64_t t = 0; t < tt; ++t) gl[t] = VF{};
+    const VF* __restrict entering = st.ck + k * n;
+    const VF* __restrict prev = entering;
+    for (int64_t t = 0; t < tt; ++t) {  // recompute the tile's states, and keep the decays too
+        const VF d = dl[t], u = d * xl[t];
+        const float* __restrict bt = Bb + (t0 + t) * n;
+        VF* __restrict cur = hbuf + t * n;
+        VF* __restrict dec = hbuf + (kTile + t) * n;
+        for (int s = 0; s < n; ++s) {
+            dec[s] = exp2_nonpos_v(d * a[s]);
+            cur[s] = dec[s] * prev[s] + u * bt[s];
+        }
+        prev = cur;
+    }
+    VF dDv = st.dD;
+    for (int64_t t = tt - 1; t >= 0; --t) {
+        const VF d = dl[t], xv = xl[t], u = d * xv, gyt = gl[t];
+        const float* __restrict bt = Bb + (t0 + t) * n;
+        const float* __restrict ct = Cb + (t0 + t) * n;
+        const VF* __restrict hcur = hbuf + t * n;
+        const VF* __restrict hprev = t > 0 ? hcur - n : entering;
+        const VF* __restrict dec = hbuf + (kTile + t) * n;
+        VF du = {}, sdd = {};
+        for (int s = 0; s < n; ++s) {
+            const VF gs = g[s] + gyt * ct[s];  // dLoss/dh_t[s]
+            const VF as = dec[s];
+            const VF dd = gs * hprev[s] * as;  // dLoss/d(Δ_t A_s): the decay's exponent enters only here
+            vC[s] = gyt * hcur[s];
+            vB[s] = u * gs;
+            du += bt[s] * gs;
+            sdd += dd * a[s];
+            dAv[s] += dd * d;
+            g[s] = as * gs;  // carried to step t - 1
+        }
+        add_lane_sums(vB, n, tB + t * n);
+        add_lane_sums(vC, n, tC + t * n);
+        dxl[t] = d * du + st.D * gyt;
+        ddl[t] = xv * du + sdd * 0.69314718055994531f;  // a is in log2 units: back to natural ones
+        dDv += gyt * xv;
+    }
+    st.dD = dDv;
+    tile_out(dxl, st.cw, tt, dx + st.row0 + t0, L);
+    tile_out(ddl, st.cw, tt, ddt + st.row0 + t0, L);
+}
+
+// One lane: batch element bi, channel blocks [blk0, blk0 + nblk). scratch: (3 nblk + 2 kTile) n vectors;
+// tB, tC: (kTile n) floats.
+template <int NF>
+void s6_backward_lane_f32(const float* __restrict x, const float* __restrict dt, const float* __restrict A,
+                          const float* __restrict Bt, const float* __restrict Ct,
+                          const float* __restrict D, const float* __restrict gy, const float* __restrict ghlast,
+                          const VF* __restrict ckpt_in, float* __restrict dx, float* __restrict ddt,
+                          float* __restrict dh0, float* __restrict dAb, float* __restrict dBrow,
+                          float* __restrict dCrow, float* __restrict dDb, int64_t c, int64_t L, int n_runtime,
+                          int64_t bi, int64_t blk0, int64_t nblk, VF* __restrict scratch, float* __restrict tB,
+                          float* __restrict tC) {
+    const int n = NF > 0 ? NF : n_runtime;
+    const int64_t nb = (c + W - 1) / W, K = (L + kTile - 1) / kTile;
+    const float* __restrict Bb = Bt + bi * L * n;  // (L, n): step t's n numbers at Bb + t n
+    const float* __restrict Cb = Ct + bi * L * n;
+    VF* hbuf = scratch + 3 * nblk * n;
+    std::vector<S6BlockGrad> blocks(static_cast<size_t>(nblk));
+    for (int64_t j = 0; j < nblk; ++j) {
+        S6BlockGrad& st = blocks[j];
+        const int64_t c0 = (blk0 + j) * W;
+        st.cw = c - c0 < W ? static_cast<int>(c - c0) : W;
+        st.row0 = (bi * c + c0) * L;
+        st.a = scratch + (3 * j) * n;
+        st.g = scratch + (3 * j + 1) * n;
+        st.dA = scratch + (3 * j + 2) * n;
+        st.D = VF{};
+        st.dD = VF{};
+        for (int l = 0; l < st.cw; ++l) st.D[l] = D ? D[c0 + l] : 0.0f;
+        for (int s = 0; s < n; ++s) {
+            for (int l = 0; l < W; ++l) {  // padding lanes l >= cw: a = 0, g = 0, and dt = x = gy = 0
+                st.a[s][l] = l < st.cw ? A[(c0 + l) * n + s] * 1.44269504088896341f : 0.0f;
+                st.g[s][l] = (ghlast && l < st.cw) ? ghlast[(bi * c + c0 + l) * n + s] : 0.0f;
+            }
+            st.dA[s] = VF{};
+        }
+        st.ck = ckpt_in + (bi * nb + blk0 + j) * K * n;
+    }
+    for (int64_t k = K - 1; k >= 0; --k) {
+        const int64_t t0 = k * kTile, tt = L - t0 < kTile ? L - t0 : kTile;
+        std::memset(tB, 0, sizeof(float) * tt * n);
+        std::memset(tC, 0, sizeof(float) * tt * n);
+        for (int64_t j = 0; j < nblk; ++j)
+            s6_backward_tile_f32<NF>(x, dt, gy, Bb, Cb, blocks[j], dx, ddt, L, k, t0, tt, n, hbuf, tB, tC);
+        std::memcpy(dBrow + t0 * n, tB, sizeof(float) * tt * n);
+        std::memcpy(dCrow + t0 * n, tC, sizeof(float) * tt * n);
+    }
+    for (int64_t j = 0; j < nblk; ++j) {
+        const S6BlockGrad& st = blocks[j];
+        const int64_t c0 = (blk0 + j) * W;
+        for (int l = 0; l < st.cw; ++l) {
+            for (int s = 0; s < n; ++s) {
+                dh0[(bi * c + c0 + l) * n + s] = st.g[s][l];
+                dAb[(bi * c + c0 + l) * n + s] = st.dA[s][l];
+            }
+            if (dDb) dDb[bi * c + c0 + l] = st.dD[l];
+        }
+    }
 }
 
 // double: one lane (batch b, channel c) at a time, exp from the C library (this path is for
@@ -219,7 +388,7 @@ void s6_forward_lane_f64(const double* __restrict x, const double* __restrict dt
     for (int s = 0; s < n; ++s) hlast[s] = h[s];
 }
 
-// ---------------------------------------------------------------- Mamba-1 / S6, backward
+// ---------------------------------------------------------------- Mamba-1 / S6, backward (double)
 // Reverse-time recurrence for g_t = dLoss/dh_t:  g_t = exp(dt_{t+1} A) g_{t+1} + gy_t C_t (+ the
 // final state's gradient at t = L-1). The states h_{t-1} the gradients need are recomputed
 // chunk by chunk from checkpoints saved every kChunk steps (never by dividing by a decay, which
@@ -367,21 +536,64 @@ int ls_has_openmp() {
 #endif
 }
 
-// Every entry returns 0 on success and 1 if the state size n is outside [1, kMaxN].
+// Every entry returns 0 on success and 1 if the state size n is outside [1, kMaxN] (or, for the float
+// backward, groups < 1 or no checkpoints).
 
 // Forward, float. Lanes are blocks of W channels of one batch element: lane i = (i / nb, i % nb),
 // nb = ceil(c / W). y (b, c, L) receives the scan plus D x (D may be null); hlast (b, c, n).
+// ckpt: null, or room for the states entering every tile of kTile steps, (b, nb, ceil(L / kTile), n, W)
+// floats, for ls_s6_backward_f32.
 int ls_s6_forward_f32(const float* x, const float* dt, const float* A, const float* B, const float* C,
-                      const float* D, const float* h0, float* y, float* hlast, int64_t b, int64_t c, int64_t L,
-                      int64_t n, int64_t threads) {
+                      const float* D, const float* h0, float* y, float* hlast, float* ckpt, int64_t b, int64_t c,
+                      int64_t L, int64_t n, int64_t threads) {
     if (n < 1 || n > kMaxN) return 1;
     const int ni = static_cast<int>(n);
-    const int64_t nb = (c + W - 1) / W;
+    const int64_t nb = (c + W - 1) / W, K = (L + kTile - 1) / kTile;
 #pragma omp parallel for schedule(static) num_threads(static_cast<int>(threads))
     for (int64_t i = 0; i < b * nb; ++i) {
         const int64_t bi = i / nb, c0 = (i % nb) * W;
-        if (ni == 16) s6_forward_block_f32<16>(x, dt, A, B, C, D, h0, y, hlast, c, L, ni, bi, c0);
-        else s6_forward_block_f32<0>(x, dt, A, B, C, D, h0, y, hlast, c, L, ni, bi, c0);
+        VF* ck = ckpt ? reinterpret_cast<VF*>(ckpt) + i * K * n : nullptr;
+        if (ni == 16) s6_forward_block_f32<16>(x, dt, A, B, C, D, h0, y, hlast, ck, c, L, ni, bi, c0);
+        else s6_forward_block_f32<0>(x, dt, A, B, C, D, h0, y, hlast, ck, c, L, ni, bi, c0);
+    }
+    return 0;
+}
+
+// Backward, float (see s6_backward_lane_f32). ckpt: the tile states saved by ls_s6_forward_f32. dBg, dCg (b, groups, L, n): each group's sums over its channels (the caller sums over
+// groups); dAb (b, c, n) and dDb (b, c) each lane's sums over time (the caller sums over the batch;
+// dDb may be null, D too). dx, ddt (b, c, L); dh0 (b, c, n).
+int ls_s6_backward_f32(const float* x, const float* dt, const float* A, const float* Bt, const float* Ct,
+                       const float* D, const float* gy, const float* ghlast, const float* ckpt,
+                       float* dx, float* ddt, float* dh0, float* dAb, float* dBg, float* dCg, float* dDb, int64_t b,
+                       int64_t c, int64_t L, int64_t n, int64_t groups, int64_t threads) {
+    if (n < 1 || n > kMaxN || groups < 1 || !ckpt) return 1;
+    const int ni = static_cast<int>(n);
+    const int64_t nb = (c + W - 1) / W;
+    const int64_t per_group = (nb + groups - 1) / groups;
+#pragma omp parallel num_threads(static_cast<int>(threads))
+    {
+        std::vector<VF> scratch(static_cast<size_t>((3 * per_group + 2 * kTile) * n));
+        std::vector<float> tB(static_cast<size_t>(kTile * n)), tC(static_cast<size_t>(kTile * n));
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < b * groups; ++i) {
+            const int64_t bi = i / groups, grp = i % groups;
+            const int64_t blk0 = grp * per_group;
+            const int64_t nblk = blk0 >= nb ? 0 : (nb - blk0 < per_group ? nb - blk0 : per_group);
+            float* dBrow = dBg + i * L * n;
+            float* dCrow = dCg + i * L * n;
+            if (nblk == 0) {  // more groups than blocks: this group's rows are zero
+                std::memset(dBrow, 0, sizeof(float) * L * n);
+                std::memset(dCrow, 0, sizeof(float) * L * n);
+                continue;
+            }
+            const VF* saved = reinterpret_cast<const VF*>(ckpt);
+            if (ni == 16)
+                s6_backward_lane_f32<16>(x, dt, A, Bt, Ct, D, gy, ghlast, saved, dx, ddt, dh0, dAb, dBrow, dCrow,
+                                         dDb, c, L, ni, bi, blk0, nblk, scratch.data(), tB.data(), tC.data());
+            else
+                s6_backward_lane_f32<0>(x, dt, A, Bt, Ct, D, gy, ghlast, saved, dx, ddt, dh0, dAb, dBrow, dCrow,
+                                        dDb, c, L, ni, bi, blk0, nblk, scratch.data(), tB.data(), tC.data());
+        }
     }
     return 0;
 }
@@ -405,7 +617,7 @@ int ls_s6_forward_f64(const double* x, const double* dt, const double* A, const 
 
 namespace {
 
-// Backward: one lane per (batch, channel) pair. dA (threads, c, n) and dBt, dCt (threads, b, L, n)
+// Backward, double: one lane per (batch, channel) pair. dA (threads, c, n) and dBt, dCt (threads, b, L, n)
 // hold one accumulator per thread (zeroed by the caller, summed over threads afterwards).
 template <typename T>
 int s6_backward(const T* x, const T* dt, const T* A, const T* Bt, const T* Ct, const T* h0, const T* gy,
@@ -454,18 +666,21 @@ int ssd_forward(const T* x, const T* ld, const T* B, const T* C, const T* h0, T*
 
 extern "C" {
 
-#define LS_ENTRIES(SUFFIX, T)                                                                                   \
-    int ls_s6_backward_##SUFFIX(const T* x, const T* dt, const T* A, const T* Bt, const T* Ct, const T* h0,      \
-                                const T* gy, const T* ghlast, T* dx, T* ddt, T* dh0, T* dA, T* dBt, T* dCt,     \
-                                int64_t b, int64_t c, int64_t L, int64_t n, int64_t threads) {                   \
-        return s6_backward<T>(x, dt, A, Bt, Ct, h0, gy, ghlast, dx, ddt, dh0, dA, dBt, dCt, b, c, L, n, threads); \
-    }                                                                                                           \
+// Backward, double (for exactness checks; the float backward above is the fast one).
+int ls_s6_backward_f64(const double* x, const double* dt, const double* A, const double* Bt, const double* Ct,
+                       const double* h0, const double* gy, const double* ghlast, double* dx, double* ddt,
+                       double* dh0, double* dA, double* dBt, double* dCt, int64_t b, int64_t c, int64_t L, int64_t n,
+                       int64_t threads) {
+    return s6_backward<double>(x, dt, A, Bt, Ct, h0, gy, ghlast, dx, ddt, dh0, dA, dBt, dCt, b, c, L, n, threads);
+}
+
+#define LS_SSD_ENTRY(SUFFIX, T)                                                                                 \
     int ls_ssd_forward_##SUFFIX(const T* x, const T* ld, const T* B, const T* C, const T* h0, T* y, T* hlast,   \
                                 int64_t lanes, int64_t L, int64_t n, int64_t p, int64_t threads) {              \
         return ssd_forward<T>(x, ld, B, C, h0, y, hlast, lanes, L, n, p, threads);                              \
     }
 
-LS_ENTRIES(f32, float)
-LS_ENTRIES(f64, double)
+LS_SSD_ENTRY(f32, float)
+LS_SSD_ENTRY(f64, double)
 
 }  // extern "C"

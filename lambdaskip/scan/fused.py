@@ -20,12 +20,18 @@ Speed (measured by ``python -m lambdaskip.bench scan``): the float32 Mamba-1 ker
 arithmetic, not memory: every state entry costs one exponential (a degree-6 polynomial after range
 reduction, ``exp2_nonpos_v`` in the source) and three multiply-adds, vectorised over 16 channels.
 
+``LAMBDASKIP_FUSED_NATIVE=0`` builds portable code instead of code tuned for this CPU (the tests use
+it to check the kernel's generic paths on machines with AVX-512).
+
 Where it is not available (no compiler, a non-CPU tensor, ``LAMBDASKIP_FUSED=0``), ``backend="auto"``
 uses the chunked backend instead and ``backend="fused"`` raises a ValueError saying why
 (:func:`unavailable_reason`).
 
-Gradients: Mamba-1 has a fused backward too (a reverse-time scan with states recomputed from
-checkpoints every 64 steps, never by dividing by a decay). Mamba-2 differentiates the chunked
+Gradients: Mamba-1 has a fused backward too: a reverse-time scan, vectorised over channels like the
+forward, with the states recomputed tile by tile from the states entering every tile of 64 steps
+(saved by the forward pass when an input requires grad; a quarter of ``x``'s size for n = 16), never
+by dividing by a decay. Its sums over channels (dB, dC) are written without atomics, so a float32
+backward gives the same bits on any number of threads (for batch ≥ threads). Mamba-2 differentiates the chunked
 backend on the same inputs (one extra forward), like the Triton backend.
 
 Dtypes: float32 and float64 run natively; float16/bfloat16 are computed in float32 and cast back.
@@ -45,15 +51,15 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["is_available", "unavailable_reason", "load_library", "selective_scan_fused", "ssd_scan_fused",
-           "MAX_STATE", "build_flags"]
+__all__ = ["is_available", "unavailable_reason", "load_library", "library_flags", "selective_scan_fused",
+           "ssd_scan_fused", "MAX_STATE", "build_flags"]
 
 MAX_STATE = 256  # the kernel's largest state size n (kMaxN in the C++ source)
 _SOURCE = Path(__file__).with_name("_fused_kernels.cpp")
 _BASE_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]
 _COMPILE_TIMEOUT_S = 300  # a compiler that hangs must not hang the caller
 _lock = threading.Lock()
-_state: dict = {"lib": None, "error": None, "tried": False}
+_state: dict = {"lib": None, "error": None, "tried": False, "flags": None}
 
 
 def _compiler() -> str | None:
@@ -157,11 +163,12 @@ def _compile(cxx: str, flags: list[str]) -> Path:
 
 def _declare(lib: ctypes.CDLL) -> None:
     P, I = ctypes.c_void_p, ctypes.c_int64
-    for suffix in ("f32", "f64"):
-        for name, pointers, ints in (("s6_forward", 9, 5), ("s6_backward", 14, 5), ("ssd_forward", 7, 5)):
-            fn = getattr(lib, f"ls_{name}_{suffix}")
-            fn.argtypes = [P] * pointers + [I] * ints
-            fn.restype = ctypes.c_int
+    # (the float32 S6 entries take one pointer more than the float64 ones: the tile checkpoints)
+    for name, pointers, ints in (("s6_forward_f32", 10, 5), ("s6_forward_f64", 9, 5), ("s6_backward_f32", 16, 6),
+                                 ("s6_backward_f64", 14, 5), ("ssd_forward_f32", 7, 5), ("ssd_forward_f64", 7, 5)):
+        fn = getattr(lib, f"ls_{name}")
+        fn.argtypes = [P] * pointers + [I] * ints
+        fn.restype = ctypes.c_int
     for name in ("ls_max_state", "ls_vector_width", "ls_has_openmp"):
         getattr(lib, name).restype = ctypes.c_int
 
@@ -186,9 +193,13 @@ def load_library():
             if cxx is None:
                 raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
             errors = []
-            for native, openmp in ((True, True), (True, False), (False, False)):
+            attempts = ((True, True), (True, False), (False, False))
+            if os.environ.get("LAMBDASKIP_FUSED_NATIVE", "1") == "0":  # portable code, no -march=native
+                attempts = ((False, True), (False, False))
+            for native, openmp in attempts:
                 try:  # fall back to a portable / single-threaded build if the compiler refuses a flag
-                    path = _compile(cxx, build_flags(native=native, openmp=openmp))
+                    flags = build_flags(native=native, openmp=openmp)
+                    path = _compile(cxx, flags)
                     break
                 except RuntimeError as exc:
                     errors.append(str(exc))
@@ -201,8 +212,13 @@ def load_library():
         except Exception as exc:  # noqa: BLE001 - whatever goes wrong, record why (unavailable_reason)
             _state["error"] = f"the fused CPU scan kernel is unavailable: {exc}"
             raise RuntimeError(_state["error"]) from exc
-        _state["lib"] = lib
+        _state["lib"], _state["flags"] = lib, flags
         return lib
+
+
+def library_flags() -> list[str] | None:
+    """The compiler flags of the loaded kernel library (None before it is loaded or if it failed)."""
+    return None if _state["flags"] is None else list(_state["flags"])
 
 
 def is_available() -> bool:
@@ -242,29 +258,44 @@ def _check_device(x: torch.Tensor) -> None:
                          "(use backend='auto', 'chunked' or 'triton')")
 
 
-def _s6_forward(lib, x, dt, A, B, C, D, h0):
-    """Run the forward kernel on prepared (contiguous, float32/float64, CPU) tensors; y includes D x."""
+_W = 16  # channels per vector in the float32 kernels (W in the C++ source)
+_TILE = 64  # time steps per tile (kTile): the float32 backward restarts from the state entering each tile
+
+
+def _s6_forward(lib, x, dt, A, B, C, D, h0, keep_checkpoints=False):
+    """Run the forward kernel on prepared (contiguous, float32/float64, CPU) tensors; y includes D x.
+
+    Returns ``(y, hlast, ckpt)``: ``ckpt`` (float32 with ``keep_checkpoints`` only, else None) holds the
+    states entering every tile of 64 steps, ``(b, ceil(c / 16), ceil(L / 64), n, 16)``, for the backward."""
     b, c, L = x.shape
     n = A.shape[1]
     y = torch.empty_like(x)
     hlast = torch.empty(b, c, n, dtype=x.dtype)
-    kernel = lib.ls_s6_forward_f64 if x.dtype == torch.float64 else lib.ls_s6_forward_f32
-    if kernel(*(_ptr(t) for t in (x, dt, A, B, C, D, h0, y, hlast)), b, c, L, n, _threads()) != 0:
+    ckpt = None
+    if x.dtype == torch.float64:
+        status = lib.ls_s6_forward_f64(*(_ptr(t) for t in (x, dt, A, B, C, D, h0, y, hlast)), b, c, L, n, _threads())
+    else:
+        if keep_checkpoints and n <= MAX_STATE:
+            ckpt = torch.empty(b, -(-c // _W), -(-L // _TILE), n, _W, dtype=torch.float32)
+        status = lib.ls_s6_forward_f32(*(_ptr(t) for t in (x, dt, A, B, C, D, h0, y, hlast, ckpt)), b, c, L, n,
+                                       _threads())
+    if status != 0:
         raise ValueError(f"state size n = {n} exceeds the fused kernel's maximum {MAX_STATE}")
-    return y, hlast
+    return y, hlast, ckpt
 
 
 class _FusedSelectiveScan(torch.autograd.Function):
     """Mamba-1 scan with the fused forward and backward kernels (inputs already prepared)."""
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, h0):
+    def forward(ctx, x, dt, A, B, C, D, h0, differentiable):
         lib = load_library()
         cdt = _compute_dtype(x.dtype)
         xs, dts, As, Bs, Cs, Ds, h0s = (_prepare(t, cdt) for t in (x, dt, A, B, C, D, h0))
-        y, hlast = _s6_forward(lib, xs, dts, As, Bs, Cs, Ds, h0s)  # y includes D x
+        # y includes D x; the tile checkpoints only when a backward pass can follow
+        y, hlast, ckpt = _s6_forward(lib, xs, dts, As, Bs, Cs, Ds, h0s, keep_checkpoints=differentiable)
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not zeros
-        ctx.save_for_backward(xs, dts, As, Bs, Cs, Ds, h0s)
+        ctx.save_for_backward(xs, dts, As, Bs, Cs, Ds, h0s, ckpt)
         ctx.dtypes = tuple(t.dtype if t is not None else None for t in (x, dt, A, B, C, D, h0))
         return y.to(x.dtype), hlast.to(x.dtype)
 
@@ -272,7 +303,7 @@ class _FusedSelectiveScan(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # the kernel's gradients are not themselves differentiable
     def backward(ctx, gy, ghlast):
         lib = load_library()
-        xs, dts, As, Bs, Cs, Ds, h0s = ctx.saved_tensors
+        xs, dts, As, Bs, Cs, Ds, h0s, ckpt = ctx.saved_tensors
         Bt = Bs.transpose(1, 2).contiguous()  # (b, L, n): one step's n numbers adjacent
         Ct = Cs.transpose(1, 2).contiguous()
         b, c, L = xs.shape
@@ -283,21 +314,40 @@ class _FusedSelectiveScan(torch.autograd.Function):
         dx, ddt = torch.empty_like(xs), torch.empty_like(xs)
         dh0 = torch.empty(b, c, n, dtype=cdt)
         threads = _threads()
-        # dA, dB, dC sum over lanes: one accumulator per thread, summed afterwards (no races)
-        dA = torch.zeros(threads, c, n, dtype=cdt)
-        dBt = torch.zeros(threads, b, L, n, dtype=cdt)
-        dCt = torch.zeros(threads, b, L, n, dtype=cdt)
-        kernel = lib.ls_s6_backward_f64 if cdt == torch.float64 else lib.ls_s6_backward_f32
-        if kernel(*(_ptr(t) for t in (xs, dts, As, Bt, Ct, h0s, gy, ghl, dx, ddt, dh0, dA, dBt, dCt)),
-                  b, c, L, n, threads) != 0:
+        if cdt == torch.float32:
+            if ckpt is None:  # the forward keeps them whenever an input requires grad
+                raise RuntimeError("the fused forward pass kept no tile states for this backward pass")
+            # dB, dC are sums over channels: one (L, n) row per group of channel blocks, groups = 1 unless
+            # there are fewer batch elements than threads; every partial sum is written once (no
+            # accumulation across threads), so the result does not depend on the thread count.
+            # The skip term D x is differentiated in the kernel too (dx += D gy, dD = Σ gy x).
+            groups = min(-(-c // _W), -(-threads // b))
+            dAb = torch.empty(b, c, n, dtype=cdt)
+            dBg, dCg = torch.empty(b, groups, L, n, dtype=cdt), torch.empty(b, groups, L, n, dtype=cdt)
+            dDb = torch.empty(b, c, dtype=cdt) if Ds is not None and gy is not None else None
+            status = lib.ls_s6_backward_f32(
+                *(_ptr(t) for t in (xs, dts, As, Bt, Ct, Ds if gy is not None else None, gy, ghl, ckpt,
+                                    dx, ddt, dh0, dAb, dBg, dCg, dDb)),
+                b, c, L, n, groups, threads)
+            dA, dB, dC = dAb.sum(0), dBg.sum(1).transpose(1, 2), dCg.sum(1).transpose(1, 2)
+            dD = None if dDb is None else dDb.sum(0)
+        else:
+            # dA, dB, dC sum over lanes: one accumulator per thread, summed afterwards (no races)
+            dA = torch.zeros(threads, c, n, dtype=cdt)
+            dBt = torch.zeros(threads, b, L, n, dtype=cdt)
+            dCt = torch.zeros(threads, b, L, n, dtype=cdt)
+            status = lib.ls_s6_backward_f64(
+                *(_ptr(t) for t in (xs, dts, As, Bt, Ct, h0s, gy, ghl, dx, ddt, dh0, dA, dBt, dCt)),
+                b, c, L, n, threads)
+            dA, dB, dC = dA.sum(0), dBt.sum(0).transpose(1, 2), dCt.sum(0).transpose(1, 2)
+            dD = None
+            if Ds is not None and gy is not None:  # y = scan + D x
+                dx += Ds[:, None] * gy
+                dD = (gy * xs).sum((0, 2))
+        if status != 0:
             raise ValueError(f"state size n = {n} exceeds the fused kernel's maximum {MAX_STATE}")
-        dA, dB, dC = dA.sum(0), dBt.sum(0).transpose(1, 2), dCt.sum(0).transpose(1, 2)
-        dD = None
-        if Ds is not None and gy is not None:  # y = scan + D x
-            dx += Ds[:, None] * gy
-            dD = (gy * xs).sum((0, 2))
         out = [dx, ddt, dA, dB, dC, dD, dh0 if h0s is not None else None]
-        return tuple(None if g is None else g.to(dt) for g, dt in zip(out, ctx.dtypes))
+        return (*(None if g is None else g.to(dt) for g, dt in zip(out, ctx.dtypes)), None)
 
 
 def selective_scan_fused(x, delta, A, B, C, D=None, initial_state=None, return_final_state=False):
@@ -314,7 +364,9 @@ def selective_scan_fused(x, delta, A, B, C, D=None, initial_state=None, return_f
     if A.shape[1] > MAX_STATE:
         raise ValueError(f"A has state size n = {A.shape[1]}; backend='fused' supports n <= {MAX_STATE} "
                          "(use backend='chunked')")
-    y, hlast = _FusedSelectiveScan.apply(x, delta, A, B, C, D, initial_state)
+    inputs = (x, delta, A, B, C, D, initial_state)
+    differentiable = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    y, hlast = _FusedSelectiveScan.apply(*inputs, differentiable)
     return (y, hlast) if return_final_state else y
 
 
