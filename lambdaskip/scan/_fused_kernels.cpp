@@ -3,7 +3,7 @@
 // Why a compiled kernel: the scan's state has n (= 16) entries per input element, and every state
 // entry needs its own decay exp(Δ_t A_s). Eager PyTorch writes every decay, every input term and
 // every state to memory and reads them back (several passes over an array n times larger than
-// the input), which is 50-80x slower than reading the inputs once. Here each (batch, channel)
+// the input), which is 50-100x slower than reading the inputs once. Here each (batch, channel)
 // lane walks through time once, forms exp(Δ_t A_s) and Δ_t x_t B_t[s] in registers, and keeps the
 // n-vector state in registers: inputs are read once and outputs written once.
 //
@@ -13,14 +13,19 @@
 //
 // Layouts (all contiguous, row-major):
 //   Mamba-1 / S6 forward: x, dt, y: (b, c, L);  A: (c, n);  B, C: (b, n, L);  D: (c);  h0, hlast: (b, c, n).
-//   Mamba-1 / S6 backward: as the forward, but Bt, Ct, dBt, dCt: (b, L, n) -- B and C transposed so
-//                 that one time step's n numbers are adjacent; dx, ddt: (b, c, L); dA: (c, n).
+//   Mamba-1 / S6 backward: as the forward, but Bt, Ct: (b, L, n) -- B and C transposed so that one
+//                 time step's n numbers are adjacent; dx, ddt: (b, c, L). float: the forward's tile
+//                 states ckpt (b, nb, ceil(L / kTile), n, W), nb = ceil(c / W); partial sums dBg, dCg
+//                 (b, groups, L, n), dAb (b, c, n), dDb (b, c). double: per-thread sums dBt, dCt
+//                 (threads, b, L, n), dA (threads, c, n).
 //   Mamba-2 / SSD forward: x, y: (bh, L, p);  ld: (bh, L);  B, C: (bh, L, n);  h0, hlast: (bh, n, p).
 //
 // Floating point: float inputs use float arithmetic with the exponential below (relative error
 // about 1.0e-7 in float evaluation); double inputs use std::exp. The float forward adds D x first and
-// then the state terms in order s = 0, 1, ...; the backward's sums are vectorised (#pragma omp simd
-// reduction). Either way the order differs from the reference loop's: identical up to rounding.
+// then the state terms in order s = 0, 1, ...; the float backward sums over channels in a fixed
+// order (16 lanes of a block, then blocks in order), the double backward's sums are vectorised
+// (#pragma omp simd reduction). Either way the order differs from the reference loop's: identical up
+// to rounding.
 
 #include <cmath>
 #include <cstdint>
@@ -33,7 +38,7 @@
 namespace {
 
 constexpr int kMaxN = 256;   // largest state size n for the runtime-n variant
-constexpr int64_t kChunk = 64;  // backward: states are recomputed from a checkpoint every kChunk steps
+constexpr int64_t kChunk = 64;  // double backward: states are recomputed from a checkpoint every kChunk steps
 
 // 2^f on [-0.5, 0.5] by a degree-6 polynomial: coefficients fitted for this project (relative
 // error minimised by reweighted least squares on 20,001 points; max relative error 1.55e-8 in exact
