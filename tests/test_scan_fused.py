@@ -58,12 +58,13 @@ def test_forward_and_final_state_match_reference(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_backward_matches_reference_with_partial_blocks(dtype):
-    x, delta, A, B, C, D, h0 = s6(2, 19, 16, 150)
+@pytest.mark.parametrize("n", [16, 20])  # 16: compile-time size; 20: run-time size, 16 + a tail of 4 in the sums
+def test_backward_matches_reference_with_partial_blocks(dtype, n):
+    x, delta, A, B, C, D, h0 = s6(2, 19, n, 150)
     leaves = [t.to(dtype).requires_grad_() for t in (x, delta, A, B, C, D, h0)]
     ref = [t.detach().double().requires_grad_() for t in leaves]
     g = torch.Generator().manual_seed(1)
-    wy, wh = torch.randn(2, 19, 150, generator=g, dtype=torch.float64), torch.randn(2, 19, 16, generator=g, dtype=torch.float64)
+    wy, wh = torch.randn(2, 19, 150, generator=g, dtype=torch.float64), torch.randn(2, 19, n, generator=g, dtype=torch.float64)
     for inputs, backend in ((leaves, "fused"), (ref, "reference")):
         y, h = scan.selective_scan(*inputs[:6], backend=backend, initial_state=inputs[6], return_final_state=True)
         ((y * wy.to(y.dtype)).sum() + (h * wh.to(h.dtype)).sum()).backward()
