@@ -10,6 +10,11 @@ median wall-clock time of several repetitions of
 * the **memory-bound floor**: the time to copy the same input tensors (``x, Δ, B, C``) once, in the
   same process, right before — no scan can finish faster than it reads its inputs.
 
+``--layout s6`` (default) times the Mamba-1 scan (:func:`lambdaskip.scan.selective_scan`);
+``--layout ssd`` the Mamba-2 scan (:func:`lambdaskip.scan.ssd_scan`) with the same number of channels
+split into heads of ``--headdim`` (x: ``(batch, channels / headdim, L, headdim)``, one decay per head
+and step, B and C per head), written to ``bench_ssd_<device>.csv``.
+
 It prints speed-ups against the reference loop and against the textbook scan, the achieved memory
 bandwidth (bytes of inputs read + output written, per second) and the ratio to the floor, and
 writes the table with its provenance to ``data/results/bench_scan_<device>.csv`` / ``.json``.
@@ -64,6 +69,21 @@ def time_call(fn, device, reps: int = 5, budget_s: float = 20.0, warmup: int = 1
     return statistics.median(times), len(times)
 
 
+def _ssd_inputs(b, c, n, L, headdim, dtype, device, seed=0):
+    """Mamba-2 inputs with ``c`` channels in heads of ``headdim``: ``x, log_decay, B, C, D``."""
+    if c % headdim:
+        raise ValueError(f"channels ({c}) must be a multiple of headdim ({headdim}) for layout='ssd'")
+    H = c // headdim
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, H, L, headdim, generator=g, dtype=dtype)
+    dt = torch.nn.functional.softplus(torch.randn(b, H, L, generator=g, dtype=dtype) - 4)  # Mamba-like Δ
+    log_decay = -dt * torch.arange(1, H + 1, dtype=dtype)[None, :, None]  # Δ A with A = −1..−H
+    B = torch.randn(b, H, L, n, generator=g, dtype=dtype)
+    C = torch.randn(b, H, L, n, generator=g, dtype=dtype)
+    D = torch.ones(H, dtype=dtype)
+    return [t.to(device) for t in (x, log_decay, B, C, D)]
+
+
 def _inputs(b, c, n, L, dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, c, L, generator=g, dtype=dtype)
@@ -91,8 +111,11 @@ def _memory_estimate(backend: str, b, c, n, L, itemsize: int, backward: bool) ->
 
 def scan_benchmark(channels=(64, 256), lengths=(256, 1024, 4096, 16384), backends=None, *, batch=4, n=16,
                    dtype=torch.float32, device="cpu", reps=5, budget_s=20.0, max_memory_gb=3.0,
-                   backward=True, threads=None, verbose=True):
-    """Time the Mamba-1 scan backends; returns a list of dict rows (one per backend × size × pass).
+                   backward=True, threads=None, verbose=True, layout="s6", headdim=64):
+    """Time the scan backends; returns a list of dict rows (one per backend × size × pass).
+
+    ``layout``: ``"s6"`` (Mamba-1, :func:`lambdaskip.scan.selective_scan`) or ``"ssd"`` (Mamba-2,
+    :func:`lambdaskip.scan.ssd_scan`, ``channels`` split into heads of ``headdim``).
 
     ``threads``: run with this many intra-op CPU threads (restored afterwards; the copy floor, the
     PyTorch backends and the fused kernel all use them); ``None`` keeps the current setting. One
@@ -102,18 +125,20 @@ def scan_benchmark(channels=(64, 256), lengths=(256, 1024, 4096, 16384), backend
     Each row: ``backend, pass ("fwd" | "fwd+bwd" | "copy"), channels, L, seconds, runs, gbps``
     (input + output bytes / seconds), and ``skipped`` (a reason, or "").
     """
+    if layout not in ("s6", "ssd"):
+        raise ValueError(f"layout must be 's6' or 'ssd', got {layout!r}")
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))
     try:
         return _scan_benchmark(channels, lengths, backends, batch, n, dtype, device, reps, budget_s, max_memory_gb,
-                               backward, verbose)
+                               backward, verbose, layout, headdim)
     finally:
         torch.set_num_threads(old_threads)
 
 
 def _scan_benchmark(channels, lengths, backends, batch, n, dtype, device, reps, budget_s, max_memory_gb, backward,
-                    verbose):
+                    verbose, layout, headdim):
     from . import scan
 
     device = torch.device(device)
@@ -124,12 +149,18 @@ def _scan_benchmark(channels, lengths, backends, batch, n, dtype, device, reps, 
     rows = []
     for c in channels:
         for L in lengths:
-            x, delta, A, B, C, D = _inputs(batch, c, n, L, dtype, device)
-            io_bytes = (x.numel() + delta.numel() + B.numel() + C.numel() + x.numel()) * itemsize  # read 4, write y
-            bufs = [torch.empty_like(t) for t in (x, delta, B, C)]
+            if layout == "s6":
+                args = _inputs(batch, c, n, L, dtype, device)  # x, delta, A, B, C, D
+                streamed, run = [args[i] for i in (0, 1, 3, 4)], scan.selective_scan
+            else:
+                args = _ssd_inputs(batch, c, n, L, headdim, dtype, device)  # x, log_decay, B, C, D
+                streamed, run = args[:4], scan.ssd_scan
+            x = args[0]
+            io_bytes = (sum(t.numel() for t in streamed) + x.numel()) * itemsize  # read the inputs, write y
+            bufs = [torch.empty_like(t) for t in streamed]
 
             def copy():
-                for dst, src in zip(bufs, (x, delta, B, C)):
+                for dst, src in zip(bufs, streamed):
                     dst.copy_(src)
 
             t_copy, runs = time_call(copy, device, reps=max(reps, 5), budget_s=budget_s)
@@ -149,15 +180,15 @@ def _scan_benchmark(channels, lengths, backends, batch, n, dtype, device, reps, 
                         if passes == "fwd":
                             def fn(name=name):
                                 with torch.no_grad():
-                                    scan.selective_scan(x, delta, A, B, C, D, backend=name)
+                                    run(*args, backend=name)
                         else:
-                            leaves = [t.detach().clone().requires_grad_() for t in (x, delta, A, B, C, D)]
+                            leaves = [t.detach().clone().requires_grad_() for t in args]
                             w = torch.randn_like(x)
 
                             def fn(name=name, leaves=leaves, w=w):
                                 for t in leaves:
                                     t.grad = None
-                                y = scan.selective_scan(*leaves, backend=name)
+                                y = run(*leaves, backend=name)
                                 (y * w).sum().backward()
                         row["seconds"], row["runs"] = time_call(fn, device, reps=reps, budget_s=budget_s)
                         row["gbps"] = io_bytes / row["seconds"] / 1e9
@@ -226,7 +257,9 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m lambdaskip.bench", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
-    p = sub.add_parser("scan", help="time the selective-scan backends (Mamba-1 layout)")
+    p = sub.add_parser("scan", help="time the selective-scan backends (Mamba-1 or Mamba-2 layout)")
+    p.add_argument("--layout", choices=["s6", "ssd"], default="s6", help="Mamba-1 (s6) or Mamba-2 (ssd) scan")
+    p.add_argument("--headdim", type=int, default=64, help="ssd: channels per head")
     p.add_argument("--channels", type=int, nargs="+", default=[64, 256])
     p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096, 16384])
     p.add_argument("--backends", nargs="+", default=None)
@@ -244,16 +277,21 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     rows = scan_benchmark(args.channels, args.lengths, args.backends, batch=args.batch, n=args.n,
                           dtype=getattr(torch, args.dtype), device=device, reps=args.reps, budget_s=args.budget,
-                          max_memory_gb=args.max_memory_gb, backward=not args.no_backward, threads=args.threads)
+                          max_memory_gb=args.max_memory_gb, backward=not args.no_backward, threads=args.threads,
+                          layout=args.layout, headdim=args.headdim)
     summary = summarise(rows)
     print()
     print(format_table(summary))
     if args.threads is not None:
         torch.set_num_threads(args.threads)  # so that the provenance records the threads used
     meta = provenance(argv, device)
+    meta["layout"] = args.layout
+    if args.layout == "ssd":
+        meta["headdim"] = args.headdim
     print("\n" + ", ".join(f"{k}={v}" for k, v in meta.items()))
     if args.out != "-":
-        out = Path(args.out) if args.out else Path("data/results") / f"bench_scan_{'gpu' if device.type == 'cuda' else 'cpu'}.csv"
+        stem = "bench_scan" if args.layout == "s6" else "bench_ssd"
+        out = Path(args.out) if args.out else Path("data/results") / f"{stem}_{'gpu' if device.type == 'cuda' else 'cpu'}.csv"
         out.parent.mkdir(parents=True, exist_ok=True)
         import csv
 

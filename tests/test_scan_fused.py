@@ -82,6 +82,20 @@ def test_gradient_from_the_final_state_only():
     assert torch.autograd.gradcheck(final_state, (x, delta, A, B, C, D, h0))
 
 
+def test_ssd_gradient_from_the_final_state_only():
+    """Mamba-2: only S_last is used (dy is None inside the backward), over three time tiles of 64."""
+    g = torch.Generator().manual_seed(4)
+    x, B, C = (torch.randn(1, 2, 150, k, generator=g, dtype=torch.float64) for k in (3, 4, 4))
+    ld = -torch.rand(1, 2, 150, generator=g, dtype=torch.float64) * 0.05
+    S0 = torch.randn(1, 2, 4, 3, generator=g, dtype=torch.float64)
+    leaves = tuple(t.requires_grad_() for t in (x, ld, B, C, S0))
+
+    def final_state(x, ld, B, C, S0):
+        return scan.ssd_scan(x, ld, B, C, backend="fused", initial_state=S0, return_final_state=True)[1]
+
+    assert torch.autograd.gradcheck(final_state, leaves)
+
+
 def test_ssd_gradcheck_and_random_shapes():
     g = torch.Generator().manual_seed(3)
     for (b, H, L, p, n) in [(1, 1, 1, 1, 1), (2, 3, 37, 5, 4), (1, 2, 130, 16, 16)]:
@@ -325,3 +339,26 @@ def test_wheel_ships_the_kernel_source(tmp_path):
     assert out.returncode == 0, out.stderr
     wheel = next((tmp_path / "dist").glob("lambdaskip-*.whl"))
     assert "lambdaskip/scan/_fused_kernels.cpp" in zipfile.ZipFile(wheel).namelist()
+
+
+def test_saved_tensor_hooks_that_misalign_are_harmless():
+    """The float32 kernel reads the saved tile states as 64-byte vectors; a saved-tensors hook that hands
+    them back off alignment (here: shifted by one float) must give the same gradients, bit for bit."""
+    x, delta, A, B, C, _, _ = (t.float() if t is not None else None for t in s6(2, 20, 16, 130, h0=False))
+
+    def unpack_misaligned(t):
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+        buf[1:] = t.reshape(-1)
+        return buf[1:].view(t.shape)
+
+    grads = []
+    for hooked in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (x, delta, A, B, C)]
+        if hooked:
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack_misaligned):
+                y = scan.selective_scan(*leaves, backend="fused")
+        else:
+            y = scan.selective_scan(*leaves, backend="fused")
+        y.square().sum().backward()
+        grads.append([t.grad for t in leaves])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))

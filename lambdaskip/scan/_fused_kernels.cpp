@@ -18,7 +18,8 @@
 //                 states ckpt (b, nb, ceil(L / kTile), n, W), nb = ceil(c / W); partial sums dBg, dCg
 //                 (b, groups, L, n), dAb (b, c, n), dDb (b, c). double: per-thread sums dBt, dCt
 //                 (threads, b, L, n), dA (threads, c, n).
-//   Mamba-2 / SSD forward: x, y: (bh, L, p);  ld: (bh, L);  B, C: (bh, L, n);  h0, hlast: (bh, n, p).
+//   Mamba-2 / SSD forward: x, y: (bh, L, p);  ld: (bh, L);  B, C: (bh, L, n);  h0, hlast: (bh, n, p);
+//                 ckpt (bh, ceil(L / kTile), n, p) or null. Backward: the same shapes for the gradients.
 //
 // Floating point: float inputs use float arithmetic with the exponential below (relative error
 // about 1.0e-7 in float evaluation); double inputs use std::exp. The float forward adds D x first and
@@ -478,13 +479,16 @@ void s6_backward_lane(const T* __restrict x, const T* __restrict dt, const T* __
 
 // ---------------------------------------------------------------- Mamba-2 / SSD, forward
 // One lane (batch b, head h): S[s][q] = a_t S[s][q] + B_t[s] x_t[q];  y_t[q] = sum_s C_t[s] S[s][q].
-// Vectorised over the head dimension q (contiguous); the n x p state stays in cache.
+// Vectorised over the head dimension q (contiguous); the n x p state stays in cache. ckpt: null, or
+// room for the state entering every tile of kTile steps, (ceil(L / kTile), n, p), for the backward.
 template <typename T>
 void ssd_forward_lane(const T* __restrict x, const T* __restrict ld, const T* __restrict B,
                       const T* __restrict C, const T* __restrict h0, T* __restrict y, T* __restrict hlast,
-                      int64_t L, int n, int p, T* __restrict S) {
-    for (int64_t j = 0; j < int64_t(n) * p; ++j) S[j] = h0 ? h0[j] : T(0);
+                      T* __restrict ckpt, int64_t L, int n, int p, T* __restrict S) {
+    const int64_t np = int64_t(n) * p;
+    for (int64_t j = 0; j < np; ++j) S[j] = h0 ? h0[j] : T(0);
     for (int64_t t = 0; t < L; ++t) {
+        if (ckpt && t % kTile == 0) std::memcpy(ckpt + (t / kTile) * np, S, sizeof(T) * np);
         const T at = exp_nonpos(ld[t]);
         const T* __restrict xt = x + t * p;
         T* __restrict yt = y + t * p;
@@ -500,7 +504,74 @@ void ssd_forward_lane(const T* __restrict x, const T* __restrict ld, const T* __
             }
         }
     }
-    for (int64_t j = 0; j < int64_t(n) * p; ++j) hlast[j] = S[j];
+    for (int64_t j = 0; j < np; ++j) hlast[j] = S[j];
+}
+
+// ---------------------------------------------------------------- Mamba-2 / SSD, backward
+// One lane (batch b, head h), reverse time. G_t = dLoss/dS_t = a_{t+1} G_{t+1} + C_t gy_tᵀ (+ the final
+// state's gradient at t = L-1), and
+//   dx_t = G_tᵀ B_t,   dB_t = G_t x_t,   dC_t = S_t gy_t,   d log a_t = a_t <G_t, S_{t-1}>,   dS_{-1} = a_0 G_0.
+// States are recomputed tile by tile (kTile steps, into Sbuf: (kTile, n, p)) from the states entering
+// each tile that the forward saved (ckpt), never by dividing by a decay. Every output belongs to
+// this lane alone (B and C are per head), so lanes need no reduction across threads.
+template <typename T>
+void ssd_backward_lane(const T* __restrict x, const T* __restrict ld, const T* __restrict B,
+                       const T* __restrict C, const T* __restrict ckpt, const T* __restrict gy,
+                       const T* __restrict ghlast, T* __restrict dx, T* __restrict dld, T* __restrict dB,
+                       T* __restrict dC, T* __restrict dh0, int64_t L, int n, int p, T* __restrict G,
+                       T* __restrict Sbuf) {
+    const int64_t np = int64_t(n) * p;
+    for (int64_t j = 0; j < np; ++j) G[j] = ghlast[j];
+    const int64_t K = (L + kTile - 1) / kTile;
+    for (int64_t k = K - 1; k >= 0; --k) {
+        const int64_t t0 = k * kTile, tt = L - t0 < kTile ? L - t0 : kTile;
+        const T* __restrict entering = ckpt + k * np;
+        const T* prev = entering;
+        for (int64_t t = t0; t < t0 + tt; ++t) {  // recompute the tile's states
+            const T at = exp_nonpos(ld[t]);
+            const T* __restrict xt = x + t * p;
+            T* __restrict cur = Sbuf + (t - t0) * np;
+            for (int s = 0; s < n; ++s) {
+                const T bs = B[t * n + s];
+                const T* __restrict Ps = prev + int64_t(s) * p;
+                T* __restrict Ss = cur + int64_t(s) * p;
+#pragma omp simd
+                for (int q = 0; q < p; ++q) Ss[q] = at * Ps[q] + bs * xt[q];
+            }
+            prev = cur;
+        }
+        for (int64_t t = t0 + tt - 1; t >= t0; --t) {
+            const T at = exp_nonpos(ld[t]);
+            const T* __restrict xt = x + t * p;
+            const T* __restrict gyt = gy + t * p;
+            const T* __restrict cur = Sbuf + (t - t0) * np;
+            const T* __restrict prv = t > t0 ? cur - np : entering;
+            T* __restrict dxt = dx + t * p;
+            for (int q = 0; q < p; ++q) dxt[q] = 0;
+            T dla = 0;
+            for (int s = 0; s < n; ++s) {
+                const T bs = B[t * n + s], cs = C[t * n + s];
+                T* __restrict Gs = G + int64_t(s) * p;
+                const T* __restrict Ss = cur + int64_t(s) * p;
+                const T* __restrict Ps = prv + int64_t(s) * p;
+                T sc = 0, sb = 0, sa = 0;
+#pragma omp simd reduction(+ : sc, sb, sa)
+                for (int q = 0; q < p; ++q) {
+                    const T g = Gs[q] + cs * gyt[q];  // dLoss/dS_t[s][q]
+                    sc += Ss[q] * gyt[q];
+                    sb += g * xt[q];
+                    sa += g * Ps[q];
+                    dxt[q] += bs * g;
+                    Gs[q] = at * g;  // carried to step t - 1
+                }
+                dC[t * n + s] = sc;
+                dB[t * n + s] = sb;
+                dla += sa;
+            }
+            dld[t] = at * dla;
+        }
+    }
+    for (int64_t j = 0; j < np; ++j) dh0[j] = G[j];
 }
 
 // n is dispatched to a compile-time constant for the common state sizes.
@@ -651,18 +722,41 @@ int s6_backward(const T* x, const T* dt, const T* A, const T* Bt, const T* Ct, c
     return 0;
 }
 
-// SSD forward: one lane per (batch, head) pair.
+// SSD forward and backward: one lane per (batch, head) pair.
 template <typename T>
-int ssd_forward(const T* x, const T* ld, const T* B, const T* C, const T* h0, T* y, T* hlast, int64_t lanes,
-                int64_t L, int64_t n, int64_t p, int64_t threads) {
+int ssd_forward(const T* x, const T* ld, const T* B, const T* C, const T* h0, T* y, T* hlast, T* ckpt,
+                int64_t lanes, int64_t L, int64_t n, int64_t p, int64_t threads) {
+    const int64_t K = (L + kTile - 1) / kTile;
 #pragma omp parallel num_threads(static_cast<int>(threads))
     {
         std::vector<T> S(static_cast<size_t>(n * p));
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < lanes; ++i)
             ssd_forward_lane<T>(x + i * L * p, ld + i * L, B + i * L * n, C + i * L * n,
-                                h0 ? h0 + i * n * p : nullptr, y + i * L * p, hlast + i * n * p, L,
-                                static_cast<int>(n), static_cast<int>(p), S.data());
+                                h0 ? h0 + i * n * p : nullptr, y + i * L * p, hlast + i * n * p,
+                                ckpt ? ckpt + i * K * n * p : nullptr, L, static_cast<int>(n),
+                                static_cast<int>(p), S.data());
+    }
+    return 0;
+}
+
+// gy (lanes, L, p) and ghlast (lanes, n, p) must be given (zeros for an unused output); ckpt as
+// saved by ssd_forward. Writes dx (lanes, L, p), dld (lanes, L), dB, dC (lanes, L, n), dh0 (lanes, n, p).
+template <typename T>
+int ssd_backward(const T* x, const T* ld, const T* B, const T* C, const T* ckpt, const T* gy, const T* ghlast,
+                 T* dx, T* dld, T* dB, T* dC, T* dh0, int64_t lanes, int64_t L, int64_t n, int64_t p,
+                 int64_t threads) {
+    if (!ckpt || !gy || !ghlast) return 1;
+    const int64_t K = (L + kTile - 1) / kTile;
+#pragma omp parallel num_threads(static_cast<int>(threads))
+    {
+        std::vector<T> G(static_cast<size_t>(n * p)), Sbuf(static_cast<size_t>(kTile * n * p));
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < lanes; ++i)
+            ssd_backward_lane<T>(x + i * L * p, ld + i * L, B + i * L * n, C + i * L * n, ckpt + i * K * n * p,
+                                 gy + i * L * p, ghlast + i * n * p, dx + i * L * p, dld + i * L, dB + i * L * n,
+                                 dC + i * L * n, dh0 + i * n * p, L, static_cast<int>(n), static_cast<int>(p),
+                                 G.data(), Sbuf.data());
     }
     return 0;
 }
@@ -681,8 +775,13 @@ int ls_s6_backward_f64(const double* x, const double* dt, const double* A, const
 
 #define LS_SSD_ENTRY(SUFFIX, T)                                                                                 \
     int ls_ssd_forward_##SUFFIX(const T* x, const T* ld, const T* B, const T* C, const T* h0, T* y, T* hlast,   \
-                                int64_t lanes, int64_t L, int64_t n, int64_t p, int64_t threads) {              \
-        return ssd_forward<T>(x, ld, B, C, h0, y, hlast, lanes, L, n, p, threads);                              \
+                                T* ckpt, int64_t lanes, int64_t L, int64_t n, int64_t p, int64_t threads) {     \
+        return ssd_forward<T>(x, ld, B, C, h0, y, hlast, ckpt, lanes, L, n, p, threads);                        \
+    }                                                                                                           \
+    int ls_ssd_backward_##SUFFIX(const T* x, const T* ld, const T* B, const T* C, const T* ckpt, const T* gy,   \
+                                 const T* ghlast, T* dx, T* dld, T* dB, T* dC, T* dh0, int64_t lanes, int64_t L, \
+                                 int64_t n, int64_t p, int64_t threads) {                                       \
+        return ssd_backward<T>(x, ld, B, C, ckpt, gy, ghlast, dx, dld, dB, dC, dh0, lanes, L, n, p, threads);   \
     }
 
 LS_SSD_ENTRY(f32, float)

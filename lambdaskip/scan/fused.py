@@ -31,8 +31,10 @@ Gradients: Mamba-1 has a fused backward too: a reverse-time scan, vectorised ove
 forward, with the states recomputed tile by tile from the states entering every tile of 64 steps
 (saved by the forward pass when an input requires grad; a quarter of ``x``'s size for n = 16), never
 by dividing by a decay. Its sums over channels (dB, dC) are written without atomics, so a float32
-backward gives the same bits on any number of threads (for batch ≥ threads). Mamba-2 differentiates the chunked
-backend on the same inputs (one extra forward), like the Triton backend.
+backward gives the same bits on any number of threads (for batch ≥ threads). Mamba-2 has its own
+fused backward, one lane per (batch, head) and vectorised over the head dimension, recomputing from
+the same kind of tile states (``n / 64`` times the size of ``x``: a quarter for n = 16, twice it for
+n = 128). Second derivatives are refused (``backend="chunked"`` has them).
 
 Dtypes: float32 and float64 run natively; float16/bfloat16 are computed in float32 and cast back.
 """
@@ -165,7 +167,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     P, I = ctypes.c_void_p, ctypes.c_int64
     # (the float32 S6 entries take one pointer more than the float64 ones: the tile checkpoints)
     for name, pointers, ints in (("s6_forward_f32", 10, 5), ("s6_forward_f64", 9, 5), ("s6_backward_f32", 16, 6),
-                                 ("s6_backward_f64", 14, 5), ("ssd_forward_f32", 7, 5), ("ssd_forward_f64", 7, 5)):
+                                 ("s6_backward_f64", 14, 5), ("ssd_forward_f32", 8, 5), ("ssd_forward_f64", 8, 5),
+                                 ("ssd_backward_f32", 12, 5), ("ssd_backward_f64", 12, 5)):
         fn = getattr(lib, f"ls_{name}")
         fn.argtypes = [P] * pointers + [I] * ints
         fn.restype = ctypes.c_int
@@ -252,6 +255,19 @@ def _prepare(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.detach().to(dtype).contiguous()
 
 
+def _saved(ctx) -> list[torch.Tensor | None]:
+    """The tensors saved for backward, contiguous and 64-byte aligned as the kernels need (they
+    normally are already; a saved-tensor hook may hand back something else)."""
+    out = []
+    for t in ctx.saved_tensors:
+        if t is not None:
+            t = t.contiguous()
+            if t.data_ptr() % 64:  # the float32 S6 kernel reads the tile states as 64-byte vectors
+                t = t.clone()
+        out.append(t)
+    return out
+
+
 def _check_device(x: torch.Tensor) -> None:
     if x.device.type != "cpu":
         raise ValueError(f"backend='fused' runs on CPU tensors only; got tensors on {x.device} "
@@ -303,7 +319,7 @@ class _FusedSelectiveScan(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # the kernel's gradients are not themselves differentiable
     def backward(ctx, gy, ghlast):
         lib = load_library()
-        xs, dts, As, Bs, Cs, Ds, h0s, ckpt = ctx.saved_tensors
+        xs, dts, As, Bs, Cs, Ds, h0s, ckpt = _saved(ctx)
         Bt = Bs.transpose(1, 2).contiguous()  # (b, L, n): one step's n numbers adjacent
         Ct = Cs.transpose(1, 2).contiguous()
         b, c, L = xs.shape
@@ -370,47 +386,57 @@ def selective_scan_fused(x, delta, A, B, C, D=None, initial_state=None, return_f
     return (y, hlast) if return_final_state else y
 
 
-def _ssd_forward(lib, x, ld, B, C, h0):
+def _ssd_forward(lib, x, ld, B, C, h0, keep_checkpoints=False):
+    """Run the SSD forward kernel on prepared tensors; returns ``(y, hlast, ckpt)`` where ``ckpt`` (with
+    ``keep_checkpoints``) holds the state entering every tile of 64 steps, ``(b, H, ceil(L / 64), n, p)``."""
     b, H, L, p = x.shape
     n = B.shape[-1]
     y = torch.empty_like(x)
     hlast = torch.empty(b, H, n, p, dtype=x.dtype)
+    ckpt = torch.empty(b, H, -(-L // _TILE), n, p, dtype=x.dtype) if keep_checkpoints else None
     kernel = lib.ls_ssd_forward_f64 if x.dtype == torch.float64 else lib.ls_ssd_forward_f32
-    if kernel(*(_ptr(t) for t in (x, ld, B, C, h0, y, hlast)), b * H, L, n, p, _threads()) != 0:
+    if kernel(*(_ptr(t) for t in (x, ld, B, C, h0, y, hlast, ckpt)), b * H, L, n, p, _threads()) != 0:
         raise RuntimeError(f"the fused SSD kernel refused shapes x {tuple(x.shape)}, B {tuple(B.shape)}")
-    return y, hlast
+    return y, hlast, ckpt
 
 
 class _FusedSSD(torch.autograd.Function):
-    """Mamba-2 scan: fused forward; backward by differentiating the chunked backend (recompute)."""
+    """Mamba-2 scan with the fused forward and backward kernels (the forward keeps tile states)."""
 
     @staticmethod
-    def forward(ctx, x, log_decay, B, C, h0):
+    def forward(ctx, x, log_decay, B, C, h0, differentiable):
         lib = load_library()
         cdt = _compute_dtype(x.dtype)
-        y, hlast = _ssd_forward(lib, *(_prepare(t, cdt) for t in (x, log_decay, B, C, h0)))
+        xs, lds, Bs, Cs, h0s = (_prepare(t, cdt) for t in (x, log_decay, B, C, h0))
+        y, hlast, ckpt = _ssd_forward(lib, xs, lds, Bs, Cs, h0s, keep_checkpoints=differentiable)
+        ctx.set_materialize_grads(False)
         ctx.has_h0 = h0 is not None
-        ctx.save_for_backward(x, log_decay, B, C, *(() if h0 is None else (h0,)))
+        ctx.dtypes = tuple(t.dtype for t in (x, log_decay, B, C)) + ((h0.dtype,) if h0 is not None else (None,))
+        ctx.save_for_backward(xs, lds, Bs, Cs, ckpt)
         return y.to(x.dtype), hlast.to(x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # second derivatives: use backend="chunked"
     def backward(ctx, dy, dh):
-        from .chunked import ssd_scan_chunked
-
-        saved = ctx.saved_tensors
-        cdt = _compute_dtype(saved[0].dtype)  # half precision: differentiate in float32, like the forward
-        leaves = [t.detach().to(cdt).requires_grad_(True) for t in saved]
-        outs, seeds = [], []
-        with torch.enable_grad():
-            y, hlast = ssd_scan_chunked(*leaves[:4], None, leaves[4] if ctx.has_h0 else None, True)
-            for out, seed in ((y, dy), (hlast, dh)):
-                if seed is not None:
-                    outs.append(out)
-                    seeds.append(seed.to(cdt))
-            grads = torch.autograd.grad(outs, leaves, seeds, allow_unused=True) if outs else [None] * len(leaves)
-        grads = [None if g is None else g.to(t.dtype) for g, t in zip(grads, saved)]
-        return (*grads[:4], grads[4] if ctx.has_h0 else None)
+        lib = load_library()
+        xs, lds, Bs, Cs, ckpt = _saved(ctx)
+        if ckpt is None:  # the forward keeps them whenever an input requires grad
+            raise RuntimeError("the fused SSD forward pass kept no tile states for this backward pass")
+        b, H, L, p = xs.shape
+        n = Bs.shape[-1]
+        cdt = xs.dtype
+        # an output whose gradient is None contributes nothing: pass zeros (the kernel wants both)
+        gy = torch.zeros_like(xs) if dy is None else dy.detach().to(cdt).contiguous()
+        ghl = torch.zeros(b, H, n, p, dtype=cdt) if dh is None else dh.detach().to(cdt).contiguous()
+        dx, dld = torch.empty_like(xs), torch.empty_like(lds)
+        dB, dC = torch.empty_like(Bs), torch.empty_like(Cs)
+        dh0 = torch.empty(b, H, n, p, dtype=cdt)
+        kernel = lib.ls_ssd_backward_f64 if cdt == torch.float64 else lib.ls_ssd_backward_f32
+        if kernel(*(_ptr(t) for t in (xs, lds, Bs, Cs, ckpt, gy, ghl, dx, dld, dB, dC, dh0)), b * H, L, n, p,
+                  _threads()) != 0:
+            raise RuntimeError("the fused SSD backward kernel refused its arguments")
+        grads = [dx, dld, dB, dC, dh0 if ctx.has_h0 else None]
+        return (*(None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)), None)
 
 
 def ssd_scan_fused(x, log_decay, B, C, D=None, initial_state=None, return_final_state=False):
@@ -423,7 +449,9 @@ def ssd_scan_fused(x, log_decay, B, C, D=None, initial_state=None, return_final_
     :func:`lambdaskip.scan.ssd_scan` (``backend="fused"``) or call ``check_ssd_args`` first.
     """
     _check_device(x)
-    y, hlast = _FusedSSD.apply(x, log_decay, B, C, initial_state)
+    inputs = (x, log_decay, B, C, initial_state)
+    differentiable = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    y, hlast = _FusedSSD.apply(*inputs, differentiable)
     if D is not None:
         y = y + D[None, :, None, None] * x
     return (y, hlast) if return_final_state else y
