@@ -187,6 +187,7 @@ def test_auto_uses_chunked_beyond_the_state_size_limit():
     g = torch.Generator().manual_seed(1)
     A = -torch.rand(2, n, generator=g, dtype=torch.float64)
     B, C = torch.randn(1, n, 5, generator=g, dtype=torch.float64), torch.randn(1, n, 5, generator=g, dtype=torch.float64)
+    assert scan.resolve_backend("auto", "cpu", state_size=n) == "chunked"
     y = scan.selective_scan(x, delta, A, B, C)
     assert rel(y, scan.selective_scan(x, delta, A, B, C, backend="reference")) <= 1e-10
 

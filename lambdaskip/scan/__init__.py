@@ -76,6 +76,12 @@ def _fused_available() -> bool:
     return fused.is_available()
 
 
+def _beyond_fused_state(state_size: int | None) -> bool:
+    from .fused import MAX_STATE  # cheap: no compilation
+
+    return state_size is not None and state_size > MAX_STATE
+
+
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """The backend names that can run on ``device`` in this environment (``"auto"`` excluded).
 
@@ -89,13 +95,17 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return names
 
 
-def resolve_backend(backend: str, device: torch.device | str) -> str:
+def resolve_backend(backend: str, device: torch.device | str, state_size: int | None = None) -> str:
     """Map ``backend`` (possibly ``"auto"``) to a concrete backend name for tensors on ``device``.
+
+    ``state_size``: the Mamba-1 state size n, if known. The fused kernel keeps the state in registers
+    and supports ``n <= 256`` (:data:`lambdaskip.scan.fused.MAX_STATE`): beyond it ``"auto"`` picks
+    ``"chunked"`` and ``"fused"`` is an error. (The Mamba-2 kernel has no such limit.)
 
     Raises:
         ValueError: unknown name, ``"triton"`` where it cannot run (no CUDA tensor / no Triton,
             and not ``TRITON_INTERPRET=1``), or ``"fused"`` where it cannot run (not a CPU tensor,
-            no C++ compiler, or switched off with ``LAMBDASKIP_FUSED=0``).
+            no C++ compiler, switched off with ``LAMBDASKIP_FUSED=0``, or ``state_size`` above its limit).
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
@@ -103,9 +113,13 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     if backend == "auto":
         if device.type == "cuda" and _triton_installed() and not _triton_interpreted():
             return "triton"
-        if device.type == "cpu" and _fused_available():
+        if device.type == "cpu" and _fused_available() and not _beyond_fused_state(state_size):
             return "fused"
         return "chunked"
+    if backend == "fused" and _beyond_fused_state(state_size):
+        from .fused import check_state_size
+
+        check_state_size(state_size)  # raises, naming the limit
     if backend == "fused" and "fused" not in available_backends(device):
         from . import fused
 
@@ -145,12 +159,7 @@ def selective_scan(x, delta, A, B, C, D=None, *, backend: str = "auto", initial_
         non-finite values, ``delta < 0`` or ``A > 0``.
     """
     check_selective_args(x, delta, A, B, C, D, initial_state)
-    name = resolve_backend(backend, x.device)
-    if name == "fused" and backend == "auto":
-        from .fused import MAX_STATE
-
-        if A.shape[1] > MAX_STATE:  # the fused kernel keeps the state in registers: n is capped
-            name = "chunked"
+    name = resolve_backend(backend, x.device, state_size=A.shape[1])
     if name == "reference":
         fn = selective_scan_ref
     elif name == "chunked":

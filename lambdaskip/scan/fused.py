@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["is_available", "unavailable_reason", "load_library", "library_flags", "selective_scan_fused",
-           "ssd_scan_fused", "MAX_STATE", "build_flags"]
+           "ssd_scan_fused", "MAX_STATE", "build_flags", "check_state_size"]
 
 MAX_STATE = 256  # the kernel's largest state size n (kMaxN in the C++ source)
 _SOURCE = Path(__file__).with_name("_fused_kernels.cpp")
@@ -268,6 +268,14 @@ def _saved(ctx) -> list[torch.Tensor | None]:
     return out
 
 
+def check_state_size(n: int) -> None:
+    """Raise a ValueError if the Mamba-1 kernel cannot take state size ``n`` (it keeps the state in
+    registers: ``n <= MAX_STATE``)."""
+    if n > MAX_STATE:
+        raise ValueError(f"A has state size n = {n}; backend='fused' supports n <= {MAX_STATE} "
+                         "(use backend='chunked')")
+
+
 def _check_device(x: torch.Tensor) -> None:
     if x.device.type != "cpu":
         raise ValueError(f"backend='fused' runs on CPU tensors only; got tensors on {x.device} "
@@ -291,12 +299,12 @@ def _s6_forward(lib, x, dt, A, B, C, D, h0, keep_checkpoints=False):
     if x.dtype == torch.float64:
         status = lib.ls_s6_forward_f64(*(_ptr(t) for t in (x, dt, A, B, C, D, h0, y, hlast)), b, c, L, n, _threads())
     else:
-        if keep_checkpoints and n <= MAX_STATE:
+        if keep_checkpoints:
             ckpt = torch.empty(b, -(-c // _W), -(-L // _TILE), n, _W, dtype=torch.float32)
         status = lib.ls_s6_forward_f32(*(_ptr(t) for t in (x, dt, A, B, C, D, h0, y, hlast, ckpt)), b, c, L, n,
                                        _threads())
-    if status != 0:
-        raise ValueError(f"state size n = {n} exceeds the fused kernel's maximum {MAX_STATE}")
+    if status != 0:  # callers check n first (check_state_size): this is a bug, not bad input
+        raise RuntimeError(f"the fused S6 forward kernel refused its arguments (n = {n}, status {status})")
     return y, hlast, ckpt
 
 
@@ -360,8 +368,8 @@ class _FusedSelectiveScan(torch.autograd.Function):
             if Ds is not None and gy is not None:  # y = scan + D x
                 dx += Ds[:, None] * gy
                 dD = (gy * xs).sum((0, 2))
-        if status != 0:
-            raise ValueError(f"state size n = {n} exceeds the fused kernel's maximum {MAX_STATE}")
+        if status != 0:  # as in _s6_forward: n was checked before the forward pass
+            raise RuntimeError(f"the fused S6 backward kernel refused its arguments (n = {n}, status {status})")
         out = [dx, ddt, dA, dB, dC, dD, dh0 if h0s is not None else None]
         return (*(None if g is None else g.to(dt) for g, dt in zip(out, ctx.dtypes)), None)
 
@@ -377,9 +385,7 @@ def selective_scan_fused(x, delta, A, B, C, D=None, initial_state=None, return_f
     validates first, or :func:`lambdaskip.scan.check_selective_args` yourself.
     """
     _check_device(x)
-    if A.shape[1] > MAX_STATE:
-        raise ValueError(f"A has state size n = {A.shape[1]}; backend='fused' supports n <= {MAX_STATE} "
-                         "(use backend='chunked')")
+    check_state_size(A.shape[1])
     inputs = (x, delta, A, B, C, D, initial_state)
     differentiable = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     y, hlast = _FusedSelectiveScan.apply(*inputs, differentiable)
@@ -459,7 +465,10 @@ def ssd_scan_fused(x, log_decay, B, C, D=None, initial_state=None, return_final_
 
 if __name__ == "__main__":  # pragma: no cover - `python -m lambdaskip.scan.fused`: build and report
     try:
-        print("fused kernel:", load_library()._name)
+        lib = load_library()
+        print("fused kernel:", lib._name)
+        print(f"flags: {' '.join(library_flags())}; float vector width {lib.ls_vector_width()} floats; "
+              f"OpenMP {'on' if lib.ls_has_openmp() else 'off'}")
     except RuntimeError as exc:
         print(exc, file=sys.stderr)
         raise SystemExit(1)
